@@ -1,0 +1,136 @@
+"""One config object for Stable Diffusion v1: frozen dataclasses whose defaults are SD v1's.
+
+`SDConfig.from_yaml` reads a CompVis-style `v1-inference.yaml`: it takes the `params` blocks and
+ignores every `target:` (nothing is imported by path). `check_shapes` compares the config with the
+tensor shapes a checkpoint actually holds and names the first mismatch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+LATENT_SCALE = 0.18215  # SD v1 `scale_factor`: latents are VAE means times this
+
+
+class ConfigError(ValueError):
+    """A config file or a config/checkpoint mismatch the user must fix."""
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)
+    num_res_blocks: int = 2
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_heads: int = 8
+    num_head_channels: int = -1  # -1: heads fixed by num_heads; else heads = channels // this
+    transformer_depth: int = 1
+    context_dim: int = 768
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    embed_dim: int = 4
+    z_channels: int = 4
+    double_z: bool = True
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = ()
+    in_channels: int = 3
+    out_ch: int = 3
+    resolution: int = 256
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """transformers `CLIPTextConfig` fields; defaults are CLIP ViT-L/14's text tower."""
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+
+@dataclass(frozen=True)
+class SDConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    linear_start: float = 0.00085
+    linear_end: float = 0.0120
+    timesteps: int = 1000
+    scale_factor: float = LATENT_SCALE
+    channels: int = 4  # latent channels
+
+    def __post_init__(self):
+        if self.unet.context_dim != self.text.hidden_size:
+            raise ConfigError(
+                f"config: unet context_dim {self.unet.context_dim} != text encoder hidden_size "
+                f"{self.text.hidden_size}; they must match")
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.vae.downsample_factor
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "SDConfig":
+        from omegaconf import OmegaConf  # only needed for --config
+
+        try:
+            raw = OmegaConf.to_container(OmegaConf.load(str(path)), resolve=True)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except Exception as e:  # omegaconf raises many types for bad YAML
+            raise ConfigError(f"cannot read config {path}: {e}".splitlines()[0]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config {path}: expected a mapping at the top level")
+        params = (raw.get("model") or {}).get("params") if "model" in raw else raw.get("params", raw)
+        if not isinstance(params, dict):
+            raise ConfigError(f"config {path}: no model.params section")
+
+        def section(name: str) -> dict:
+            return ((params.get(name) or {}).get("params")) or {}
+
+        unet = _pick(UNetConfig, section("unet_config"))
+        vae_params = dict(section("first_stage_config"))
+        vae = _pick(VAEConfig, {**vae_params.get("ddconfig", {}), "embed_dim": vae_params.get("embed_dim", 4)})
+        text = _pick(TextConfig, section("cond_stage_config").get("text_config", {}))
+        top = {k: params[k] for k in ("linear_start", "linear_end", "timesteps", "scale_factor", "channels")
+               if k in params}
+        try:
+            return cls(unet=unet, vae=vae, text=text, **top)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def with_text(self, **changes) -> "SDConfig":
+        return replace(self, text=replace(self.text, **changes))
+
+
+def _pick(kind, values: dict):
+    """Build dataclass `kind` from the keys of `values` it knows; lists become tuples."""
+    known = {f.name: f for f in fields(kind)}
+    kwargs = {}
+    for key, value in values.items():
+        if key in known:
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+    return kind(**kwargs)
+
+
+def tiny_config() -> SDConfig:
+    """A few-MB SD v1 model (same code paths, f=8) for tests and shape checks on CPU."""
+    return SDConfig(
+        unet=UNetConfig(model_channels=32, attention_resolutions=(2, 1), channel_mult=(1, 2),
+                        num_heads=2, context_dim=32),
+        vae=VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1),
+        text=TextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2),
+    )

@@ -1,0 +1,259 @@
+"""The SD v1 UNet (CompVis `openaimodel.UNetModel` with spatial transformers), split in two halves.
+
+`UNetInput` holds `time_embed`, `input_blocks`, `middle_block`; `UNetOutput` holds `output_blocks`
+and `out`. Attribute paths equal the checkpoint keys under `model.diffusion_model.`. The input half
+returns the hidden state, the time embedding and the skip connections the output half consumes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attention
+from .config import UNetConfig
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in fp32 whatever the input dtype, as the reference ResBlocks do."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding (B,) -> (B, dim): [cos(t f), sin(t f)], f_i = max_period^(-i / (dim/2))."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepBlock(nn.Module):
+    """Marker: a block whose forward takes the time embedding."""
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """Runs children in order, giving the time embedding and context to those that take them."""
+
+    def forward(self, x, emb, context=None, upsample_size=None):
+        for layer in self:
+            if isinstance(layer, TimestepBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
+            else:
+                x = layer(x)
+        return x
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, size=None):
+        # Nearest x2, or to the skip connection's size when H/W are not multiples of 64 (as diffusers does).
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+
+class ResBlock(TimestepBlock):
+    def __init__(self, channels: int, emb_channels: int, out_channels: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(GroupNorm32(32, channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(GroupNorm32(32, out_channels), nn.SiLU(), nn.Dropout(0.0),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = (nn.Identity() if out_channels == channels
+                                else nn.Conv2d(channels, out_channels, 1))
+
+    def forward(self, x, emb):
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).type(h.dtype)[..., None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None):
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        b, n, _ = x.shape
+        # (B, tokens, heads*dim) -> (B, heads, tokens, dim)
+        q, k, v = (t.reshape(b, t.shape[1], self.heads, -1).transpose(1, 2)
+                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        out = attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads, dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, heads, dim_head, context_dim)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x, context):
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth))
+        self.proj_out = nn.Conv2d(inner, channels, 1)
+
+    def forward(self, x, context):
+        b, c, h, w = x.shape
+        x_in = x
+        x = self.proj_in(self.norm(x))
+        x = x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        return self.proj_out(x) + x_in
+
+
+def _heads(cfg: UNetConfig, ch: int) -> tuple[int, int]:
+    if cfg.num_head_channels == -1:
+        return cfg.num_heads, ch // cfg.num_heads
+    return ch // cfg.num_head_channels, cfg.num_head_channels
+
+
+def _transformer(cfg: UNetConfig, ch: int) -> SpatialTransformer:
+    heads, dim_head = _heads(cfg, ch)
+    return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim)
+
+
+def _input_channels(cfg: UNetConfig) -> list[int]:
+    """Channel count of every skip connection the input half emits, in order."""
+    chans = [cfg.model_channels]
+    ch = cfg.model_channels
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            ch = mult * cfg.model_channels
+            chans.append(ch)
+        if level != len(cfg.channel_mult) - 1:
+            chans.append(ch)
+    return chans
+
+
+class UNetInput(nn.Module):
+    """time_embed + input_blocks + middle_block: (x, t, context) -> (h, emb, skips)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        mc, emb_dim = cfg.model_channels, cfg.model_channels * 4
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        blocks = [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))]
+        ch, ds = mc, 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(ch, emb_dim, mult * mc)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers.append(_transformer(cfg, ch))
+                blocks.append(TimestepEmbedSequential(*layers))
+            if level != len(cfg.channel_mult) - 1:
+                blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                ds *= 2
+        self.input_blocks = nn.ModuleList(blocks)
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, ch), _transformer(cfg, ch), ResBlock(ch, emb_dim, ch))
+        self.model_channels = mc
+
+    def forward(self, x, t, context):
+        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
+        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(self.time_embed[0].weight.dtype))
+        h, skips = x.type(self.time_embed[0].weight.dtype), []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        return self.middle_block(h, emb, context), emb, skips
+
+
+class UNetOutput(nn.Module):
+    """output_blocks + out: (h, emb, skips, context) -> predicted noise. Consumes `skips` (popped)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        mc, emb_dim = cfg.model_channels, cfg.model_channels * 4
+        skip_chans = _input_channels(cfg)
+        ch = cfg.channel_mult[-1] * mc
+        ds = 2 ** (len(cfg.channel_mult) - 1)
+        blocks = []
+        for level, mult in list(enumerate(cfg.channel_mult))[::-1]:
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_chans.pop(), emb_dim, mc * mult)]
+                ch = mc * mult
+                if ds in cfg.attention_resolutions:
+                    layers.append(_transformer(cfg, ch))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                blocks.append(TimestepEmbedSequential(*layers))
+        self.output_blocks = nn.ModuleList(blocks)
+        self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+
+    def forward(self, h, emb, skips, context):
+        skips = list(skips)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            # An upsampler brings h to the size of the next skip connection it will be joined with.
+            h = block(h, emb, context, upsample_size=skips[-1].shape[-2:] if skips else None)
+        return self.out(h)
