@@ -1,0 +1,273 @@
+"""Decoded tensors → image files on disk, with metadata, never overwriting anything.
+
+Layout: `outdir/<slug>/seed_<seed>_<NNNNN>.<ext>` for each image and `outdir/<slug>/grid_<NNNN>.<ext>`
+for a grid. `<slug>` comes from the prompt (`slugify`). Each running number continues after the
+highest one already in that folder (images: any seed, any extension; grids separately), and every
+file is opened with exclusive create (`"xb"`), so a concurrent writer or a file that appeared
+between the scan and the write is skipped, never overwritten.
+
+Metadata: PNG gets one text chunk per key (prompt, negative_prompt, seed, sampler, steps, scale,
+size, checkpoint, checkpoint_hash, any extras) plus `parameters`, the one-string summary that other
+SD tools write and read (A1111 style). JPEG gets the same `parameters` string as its COM comment.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tempfile
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+SLUG_MAX_CHARS = 150  # as the original optimizedSD: "_".join(prompt.split())[:150]
+SLUG_MAX_BYTES = 200  # UTF-8; NAME_MAX is 255 bytes on most filesystems, non-ASCII is 2-4 bytes/char
+SLUG_FALLBACK = "untitled"
+HASH_CHUNK = 1 << 20  # file_hash reads this much from each end of the file
+JPEG_QUALITY = 95
+_MAX_TRIES = 100_000  # numbers tried past the scan before giving up (only a broken FS gets here)
+
+_ILLEGAL = set('/\\:*?"<>|')  # illegal on Windows (and '/' on Unix); control chars are handled apart
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+                     *(f"LPT{i}" for i in range(1, 10))}
+_IMAGE_RE = re.compile(r"^seed_-?\d+_(\d+)\.[^.]+$")
+_GRID_RE = re.compile(r"^grid_(\d+)\.[^.]+$")
+_FORMATS = {"png": "png", "jpg": "jpg", "jpeg": "jpg"}
+# PNG text keys written first, in this order; other metadata keys follow in the caller's order.
+_KNOWN_KEYS = ("prompt", "negative_prompt", "seed", "sampler", "steps", "scale", "size",
+               "checkpoint", "checkpoint_hash")
+
+
+class OutputError(Exception):
+    """The output location cannot be created or written; the message names the path and the fix."""
+
+
+def slugify(prompt: str, max_chars: int = SLUG_MAX_CHARS) -> str:
+    """A single safe directory name from a prompt: whitespace runs → "_", characters illegal on
+    Windows or Unix and control/format characters removed, dot runs collapsed and leading or
+    trailing dots/underscores stripped (so never "." or ".."), at most `max_chars` characters and
+    SLUG_MAX_BYTES UTF-8 bytes, Windows device names suffixed with "_", never empty.
+    """
+    s = "_".join(unicodedata.normalize("NFC", prompt).split())
+    # Category C*: control, format (bidi overrides, zero-width), surrogate, private, unassigned.
+    s = "".join(c for c in s if c not in _ILLEGAL and not unicodedata.category(c).startswith("C"))
+    s = re.sub(r"\.{2,}", ".", s)
+    s = re.sub(r"_{2,}", "_", s)
+    s = s[:max_chars]
+    while len(s.encode("utf-8")) > SLUG_MAX_BYTES:
+        s = s[:-1]
+    s = s.strip("._")
+    if not s:
+        return SLUG_FALLBACK
+    if s.split(".")[0].upper() in _WINDOWS_RESERVED:
+        s += "_"
+    return s
+
+
+def to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """Decoded VAE batch (B, 3, H, W) in [-1, 1], any float dtype/device → B RGB images.
+
+    Math in float32 on the CPU: round(clamp((x + 1) / 2, 0, 1) * 255) (round half to even,
+    so 0 → 127.5 → 128); ±inf clamp, NaN (e.g. an fp16 VAE overflow) counts as 0 (grey 128).
+    The caller's tensor is not modified.
+    """
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"to_pil expects a (B, 3, H, W) batch, got shape {tuple(x.shape)}")
+    x = x.detach().to(device="cpu", dtype=torch.float32)
+    x = torch.nan_to_num((x + 1) / 2, nan=0.5).clamp(0, 1)
+    arr = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
+    return [Image.fromarray(np.ascontiguousarray(a), mode="RGB") for a in arr]
+
+
+def make_grid(images: list[Image.Image], n_rows: int | None = None) -> Image.Image:
+    """Tile equal-size images, `n_rows` per row (CompVis `--n_rows`, which is torchvision's
+    `make_grid(nrow=...)`: images per row; default all in one row), no padding, left to right,
+    top to bottom; empty cells of the last row are black.
+    """
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    w, h = images[0].size
+    if any(im.size != (w, h) for im in images):
+        raise ValueError(f"grid images must all be {w}x{h}, got {[im.size for im in images]}")
+    per_row = max(1, min(n_rows or len(images), len(images)))
+    rows = -(-len(images) // per_row)
+    grid = Image.new("RGB", (per_row * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(im.convert("RGB"), ((i % per_row) * w, (i // per_row) * h))
+    return grid
+
+
+def file_hash(path: str | os.PathLike, chunk: int = HASH_CHUNK) -> str:
+    """Short, cheap fingerprint of a (multi-GB) checkpoint: the first 8 hex chars of
+    sha256(decimal size + b"\\n" + first `chunk` bytes + last `chunk` bytes), the two ends not
+    overlapping for files under 2 * chunk (such files are hashed whole). Reads at most 2 MiB.
+    Our own scheme: not comparable with the "Model hash" of other tools.
+    """
+    size = os.path.getsize(path)
+    h = hashlib.sha256(f"{size}\n".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(chunk))
+        if size > chunk:
+            f.seek(max(size - chunk, chunk))
+            h.update(f.read())
+    return h.hexdigest()[:8]
+
+
+def ensure_writable(path: str | os.PathLike) -> Path:
+    """Create directory `path` (with parents) if needed and prove a file can be written in it.
+
+    Raises OutputError with a one-line message; meant to run before any expensive work.
+    """
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create output directory {p} ({e.strerror or e}); "
+                          "choose another output directory") from e
+    try:
+        with tempfile.TemporaryFile(dir=p, prefix=".write-test-") as f:
+            f.write(b"ok")
+            f.flush()
+    except OSError as e:
+        raise OutputError(f"cannot write to output directory {p} ({e.strerror or e}); "
+                          "fix its permissions or choose another output directory") from e
+    return p
+
+
+def _fmt_value(v: object) -> str:
+    """A value for the `parameters` line, quoted (JSON style) if it would break the k: v list."""
+    s = str(v)
+    if any(c in s for c in ',:"\n'):
+        s = '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return s
+
+
+def parameters_text(meta: dict) -> str:
+    """The one-string summary other SD tools use, e.g.
+    `a cat\\nNegative prompt: dog\\nSteps: 10, Sampler: ddim, CFG scale: 7.5, Seed: 42,
+    Size: 512x512, Model: sd-v1-4, Model hash: abcd1234`. Missing/None/empty fields are left out;
+    keys other than the known ones are appended as `key: value`.
+    """
+    lines = [str(meta.get("prompt", ""))]
+    if meta.get("negative_prompt"):
+        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+    ckpt = meta.get("checkpoint")
+    fields = [("Steps", meta.get("steps")), ("Sampler", meta.get("sampler")),
+              ("CFG scale", meta.get("scale")), ("Seed", meta.get("seed")),
+              ("Size", meta.get("size")), ("Model", Path(str(ckpt)).stem if ckpt else None),
+              ("Model hash", meta.get("checkpoint_hash"))]
+    fields += [(k, v) for k, v in meta.items() if k not in _KNOWN_KEYS]
+    kv = ", ".join(f"{k}: {_fmt_value(v)}" for k, v in fields if v is not None and v != "")
+    if kv:
+        lines.append(kv)
+    return "\n".join(lines)
+
+
+class ImageWriter:
+    """Saves the images of one prompt under `outdir/<slugify(prompt)>/`.
+
+    `metadata`: negative_prompt, sampler, steps, scale, checkpoint (path or name; the file name is
+    stored), checkpoint_hash (`file_hash`), plus any extra keys; prompt, seed and size (from the
+    image) are filled in here. Nothing touches the disk until the first save.
+    """
+
+    def __init__(self, outdir: str | os.PathLike, prompt: str, fmt: str = "png",
+                 metadata: dict | None = None):
+        if fmt.lower() not in _FORMATS:
+            raise ValueError(f"image format must be one of {sorted(_FORMATS)}, got {fmt!r}")
+        self.ext = _FORMATS[fmt.lower()]
+        self.prompt = prompt
+        self.dir = Path(outdir) / slugify(prompt)
+        self.metadata = dict(metadata or {})
+        self._next = {"image": 0, "grid": 0}  # lower bounds; the folder is rescanned every save
+
+    def save(self, image: Image.Image, seed: int, extra_meta: dict | None = None) -> Path:
+        """Write `image` as `seed_<seed>_<NNNNN>.<ext>`; returns the path written."""
+        meta = self._meta(image, extra_meta, seed=int(seed))
+        return self._write(image, meta, "image", lambda n: f"seed_{int(seed)}_{n:05d}.{self.ext}")
+
+    def save_grid(self, images: list[Image.Image], n_rows: int | None = None,
+                  extra_meta: dict | None = None) -> Path:
+        """Write `make_grid(images, n_rows)` as `grid_<NNNN>.<ext>`; returns the path written.
+        Its metadata has no seed (it holds several) unless `extra_meta` gives one."""
+        grid = make_grid(images, n_rows)
+        return self._write(grid, self._meta(grid, extra_meta), "grid",
+                           lambda n: f"grid_{n:04d}.{self.ext}")
+
+    def _meta(self, image: Image.Image, extra: dict | None, **fixed) -> dict:
+        meta = {**self.metadata, **(extra or {}), "prompt": self.prompt, **fixed,
+                "size": f"{image.width}x{image.height}"}
+        meta.pop("parameters", None)  # always derived from the fields, never passed in
+        if meta.get("checkpoint"):
+            meta["checkpoint"] = Path(str(meta["checkpoint"])).name
+        order = [k for k in _KNOWN_KEYS if k in meta] + [k for k in meta if k not in _KNOWN_KEYS]
+        return {k: meta[k] for k in order if meta[k] is not None}
+
+    def _encode(self, image: Image.Image, meta: dict) -> bytes:
+        buf = io.BytesIO()
+        params = parameters_text(meta)
+        if self.ext == "png":
+            info = PngInfo()
+            for k, v in meta.items():
+                info.add_text(k, str(v))  # Pillow falls back to iTXt for non-Latin-1 text
+            info.add_text("parameters", params)
+            image.save(buf, format="PNG", pnginfo=info)
+        else:
+            rgb = image if image.mode in ("RGB", "L") else image.convert("RGB")
+            comment = params.encode("utf-8")[:65533]  # a COM segment holds at most 65533 bytes
+            rgb.save(buf, format="JPEG", quality=JPEG_QUALITY, comment=comment)
+        return buf.getvalue()
+
+    def _numbers(self, pattern: re.Pattern) -> list[tuple[int, str]]:
+        """(number, file name) of every file in self.dir whose name matches `pattern`."""
+        try:
+            return [(int(m.group(1)), f) for f in os.listdir(self.dir) if (m := pattern.match(f))]
+        except OSError as e:
+            raise OutputError(f"cannot read output directory {self.dir} ({e.strerror or e}); "
+                              "fix its permissions or choose another output directory") from e
+
+    def _write(self, image: Image.Image, meta: dict, kind: str, name) -> Path:
+        data = self._encode(image, meta)  # encode first: a failure leaves no empty file behind
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create output directory {self.dir} ({e.strerror or e}); "
+                              "choose another output directory") from e
+        pattern = _IMAGE_RE if kind == "image" else _GRID_RE
+        start = max(self._next[kind], max((n for n, _ in self._numbers(pattern)), default=-1) + 1)
+        for n in range(start, start + _MAX_TRIES):
+            path = self.dir / name(n)
+            try:
+                f = open(path, "xb")  # exclusive create: never overwrites, even under a race
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise OutputError(f"cannot create {path} ({e.strerror or e}); "
+                                  "fix the output directory or choose another") from e
+            try:
+                with f:
+                    # A concurrent writer may have taken number n under another name (other seed
+                    # or extension) between our scan and our create: then back off to n + 1.
+                    clash = any(m == n and other != path.name
+                                for m, other in self._numbers(pattern))
+                    if not clash:
+                        f.write(data)
+            except OSError as e:
+                path.unlink(missing_ok=True)
+                raise OutputError(f"failed writing {path} ({e.strerror or e}); "
+                                  "check free disk space") from e
+            except OutputError:
+                path.unlink(missing_ok=True)
+                raise
+            if clash:
+                path.unlink(missing_ok=True)
+                continue
+            self._next[kind] = n + 1
+            return path
+        raise OutputError(f"no free file name in {self.dir} after {_MAX_TRIES} tries; "
+                          "clean up the folder or choose another output directory")
