@@ -1,0 +1,303 @@
+"""Noise schedule, denoiser wrapper and samplers (DDIM, PLMS) for Stable Diffusion v1.
+
+Everything here works in k-diffusion's "sigma space" (Karras et al. 2022): a DDPM state x_t at
+noise level alpha_t (alphas_cumprod) is represented as
+
+    x = x_t / sqrt(alpha_t),   sigma = sqrt((1 - alpha_t) / alpha_t),   so  x = x0 + sigma * eps.
+
+A sampler is a free function with one signature (k-diffusion `sampling.py`):
+
+    sample_x(denoise, x, sigmas, extra_args=None, callback=None, **options) -> x
+
+where `denoise(x, sigma, **extra_args) -> x0` is the model seen as a denoiser. `EpsDenoiser` makes
+one from the UNet's eps prediction and does classifier-free guidance; samplers never see the model.
+
+How a pipeline drives it:
+
+    schedule = Schedule(cfg.linear_start, cfg.linear_end, cfg.timesteps)
+    denoise = EpsDenoiser(unet_eps, schedule)     # unet_eps(x_t, t, context) -> eps
+    plan = make_plan(schedule, "ddim", steps)     # sigmas + start/end conversions
+    x = noise * plan.init_scale                   # noise ~ N(0, I), shape (B, 4, H/8, W/8)
+    x = SAMPLERS["ddim"](denoise, x, plan.sigmas,
+                         extra_args=dict(cond=c, uncond=uc, scale=7.5), callback=cb, eta=0.0)
+    latent = plan.to_latent(x)                    # then / LATENT_SCALE and the VAE decoder
+
+For DDIM and PLMS the plan reproduces CompVis `DDIMSampler`/`PLMSSampler` exactly:
+- the timesteps are CompVis' "uniform" ones, `range(0, 1000, 1000 // steps) + 1`; when `steps`
+  does not divide 1000 this gives more steps than asked (30 -> 31), as the reference does;
+- CompVis starts from x_T = noise, i.e. x = noise * sqrt(1 + sigma_max**2) (`init_scale`);
+- CompVis' last step lands on alpha = alphas_cumprod[0] (~0.99915), not on alpha = 1, and returns
+  that x_t undenoised. So the DDIM sigmas end with sigma(t=0) ~ 0.0292 instead of k-diffusion's 0,
+  and `to_latent` maps x back to x_t: x_t = x / sqrt(1 + sigmas[-1]**2). Samplers whose sigmas end
+  at 0 (k-diffusion style) use the same `to_latent`, which is then the identity.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+Denoiser = Callable[..., torch.Tensor]  # denoise(x, sigma, **extra_args) -> x0
+
+
+# --- schedule --------------------------------------------------------------------------------------
+
+class Schedule:
+    """SD v1's DDPM "linear" schedule (CompVis `make_beta_schedule`), as alphas and sigmas.
+
+    `alphas_cumprod` and `sigmas` are float64 on the CPU, indexed by the DDPM timestep 0..T-1.
+    """
+
+    def __init__(self, linear_start: float = 0.00085, linear_end: float = 0.012,
+                 timesteps: int = 1000):
+        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps,
+                               dtype=torch.float64) ** 2
+        self.timesteps = timesteps
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # (T,) float64
+        self.sigmas = ((1.0 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()  # (T,) increasing
+        self.log_sigmas = self.sigmas.log()
+
+    def ddim_timesteps(self, steps: int) -> list[int]:
+        """CompVis `make_ddim_timesteps(method="uniform")`: ascending DDPM timesteps, offset by 1."""
+        if not 1 <= steps <= self.timesteps:
+            raise ValueError(f"steps must be in 1..{self.timesteps}, got {steps}")
+        c = self.timesteps // steps
+        return [t + 1 for t in range(0, self.timesteps, c)]
+
+    def ddim_sigmas(self, steps: int) -> torch.Tensor:
+        """Descending float32 sigmas of `ddim_timesteps(steps)`, then sigma(t=0).
+
+        The final entry is where CompVis' last DDIM/PLMS step lands (alphas_prev[0] =
+        alphas_cumprod[0]); it is ~0.0292, not 0. Length: len(ddim_timesteps(steps)) + 1.
+        """
+        ts = self.ddim_timesteps(steps)
+        return self.sigmas[list(reversed(ts)) + [0]].to(torch.float32)
+
+    def sigma_for_t(self, t) -> torch.Tensor:
+        """Sigma of a (possibly fractional) timestep; log-sigma is interpolated between integers
+        (k-diffusion `t_to_sigma`). Integer t gives the table entry. float32, on t's device."""
+        t = torch.as_tensor(t)
+        device = t.device
+        t = t.detach().to("cpu", torch.float64).clamp(0, self.timesteps - 1)
+        low = t.floor().long()
+        high = t.ceil().long()
+        w = t - low
+        log_sigma = (1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]
+        return log_sigma.exp().to(device, torch.float32)
+
+    def t_for_sigma(self, sigma) -> torch.Tensor:
+        """DDPM timestep of a sigma, float32 on sigma's device, same shape.
+
+        A sigma equal to a table entry (to float32 precision, relative 1e-5; neighbouring entries
+        differ by >= 0.6%) gives that integer exactly, so the UNet's timestep embedding is the
+        reference's. Other sigmas are interpolated in log-sigma (k-diffusion `sigma_to_t`) and
+        clamped to [0, T-1]. Computed in float32 on the device (MPS has no float64).
+        """
+        sigma = torch.as_tensor(sigma)
+        if not sigma.is_floating_point():
+            sigma = sigma.float()
+        log_sigmas = self.log_sigmas.to(sigma.device, torch.float32)  # (T,)
+        log_sigma = sigma.detach().to(torch.float32).log()
+        dists = log_sigma.reshape(-1, 1) - log_sigmas  # (N, T)
+        # interpolation (k-diffusion sigma_to_t): last table entry <= sigma, and the next one
+        low_idx = dists.ge(0).cumsum(dim=1).argmax(dim=1).clamp(max=len(log_sigmas) - 2)
+        high_idx = low_idx + 1
+        low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+        w = ((low - log_sigma.reshape(-1)) / (low - high)).clamp(0, 1)
+        t = (1 - w) * low_idx + w * high_idx
+        # exact table entries snap to their integer
+        nearest = dists.abs().argmin(dim=1)
+        exact = dists.gather(1, nearest[:, None])[:, 0].abs() < 1e-5
+        t = torch.where(exact, nearest.to(t.dtype), t)
+        return t.reshape(sigma.shape)
+
+
+def to_sigma_space(x_t: torch.Tensor, sigma) -> torch.Tensor:
+    """CompVis state x_t at noise level sigma -> x = x_t / sqrt(alpha) = x_t * sqrt(1 + sigma^2)."""
+    return x_t * math.sqrt(1.0 + float(sigma) ** 2)
+
+
+def from_sigma_space(x: torch.Tensor, sigma) -> torch.Tensor:
+    """Inverse of `to_sigma_space`: x_t = x * sqrt(alpha) = x / sqrt(1 + sigma^2)."""
+    return x / math.sqrt(1.0 + float(sigma) ** 2)
+
+
+# --- denoiser --------------------------------------------------------------------------------------
+
+class EpsDenoiser:
+    """Turns an eps-prediction model into `denoise(x, sigma, cond, uncond=None, scale=1.) -> x0`.
+
+    `eps_fn(x_t, t, context) -> eps` is the UNet: x_t (N, C, H, W), t (N,) float32 DDPM timesteps
+    (exact integers for the DDIM/PLMS schedules), context (N, tokens, dim); uncond has cond's
+    shape. x may be sigma-space latents of any dtype; x0 comes back in it. k-diffusion
+    `external.DiscreteEpsDDPMDenoiser` plus CompVis' classifier-free guidance: with `scale != 1`
+    and an `uncond`, the model runs once on cat([uncond, cond]) (uncond first, as CompVis) and
+    eps = eps_u + scale * (eps_c - eps_u); otherwise once on cond alone.
+    """
+
+    def __init__(self, eps_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                 schedule: Schedule):
+        self.eps_fn = eps_fn
+        self.schedule = schedule
+
+    def __call__(self, x: torch.Tensor, sigma, cond: torch.Tensor,
+                 uncond: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+        b = x.shape[0]
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).to(x.device).reshape(-1)
+        sigma = sigma.expand(b) if sigma.numel() == 1 else sigma  # (B,)
+        t = self.schedule.t_for_sigma(sigma)  # (B,)
+        s = sigma.to(x.dtype).reshape(b, *[1] * (x.ndim - 1))  # (B, 1, 1, 1)
+        x_in = x / (s * s + 1).sqrt()  # x_t = sqrt(alpha) * x
+
+        guided = uncond is not None and scale != 1.0
+        if guided and uncond.shape != cond.shape:
+            raise ValueError(f"uncond {tuple(uncond.shape)} and cond {tuple(cond.shape)} must have "
+                             "the same shape (expand uncond to the batch)")
+        if guided:
+            x_in, t, context = torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([uncond, cond])
+        else:
+            context = cond
+        eps = self.eps_fn(x_in, t, context).to(x.dtype)  # the single call: batch split elsewhere
+        if guided:
+            eps_u, eps_c = eps.chunk(2)
+            eps = eps_u + scale * (eps_c - eps_u)
+        return x - s * eps
+
+
+# --- samplers --------------------------------------------------------------------------------------
+
+def _default_noise(x):
+    return lambda sigma, sigma_next: torch.randn_like(x)
+
+
+def _ddim_sigma_up(sigma: float, sigma_next: float, eta: float) -> float:
+    """CompVis sigma_ddim of a step, rescaled to sigma space (see `sample_ddim`)."""
+    if eta == 0.0 or sigma_next == 0.0:
+        return 0.0
+    up = eta * sigma_next * math.sqrt(sigma ** 2 - sigma_next ** 2) / sigma
+    return min(up, sigma_next)  # eta > 1 would take CompVis' sqrt negative; clamp as k-diffusion
+
+
+@torch.no_grad()
+def sample_ddim(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args=None,
+                callback=None, eta: float = 0.0, noise_sampler=None) -> torch.Tensor:
+    """DDIM, Song et al. 2020 "Denoising Diffusion Implicit Models", eq. 12 (CompVis p_sample_ddim).
+
+    In alpha space eq. 12 is
+        x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s z,
+        s = eta sqrt((1 - a_prev) / (1 - a) (1 - a / a_prev)).
+    Dividing by sqrt(a_prev) and writing a = 1 / (1 + sigma^2):
+        x_next = x0 + sigma_down eps + sigma_up z,
+        sigma_up = s / sqrt(a_prev) = eta sigma_next sqrt(sigma^2 - sigma_next^2) / sigma,
+        sigma_down = sqrt(sigma_next^2 - sigma_up^2),
+    i.e. exactly k-diffusion's ancestral step with eta; for eta = 0 it is Euler in sigma space.
+    `noise_sampler(sigma, sigma_next)` returns z ~ N(0, I) shaped like x; it is called once per
+    step, and only when eta > 0.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = _default_noise(x) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = denoise(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback(dict(x=x, i=i, sigma=sigmas[i], denoised=denoised))
+        eps = (x - denoised) / sigma
+        sigma_up = _ddim_sigma_up(sigma, sigma_next, eta)
+        sigma_down = math.sqrt(sigma_next ** 2 - sigma_up ** 2)
+        x = denoised + sigma_down * eps
+        if sigma_up > 0:
+            x = x + sigma_up * noise_sampler(sigmas[i], sigmas[i + 1])
+    return x
+
+
+@torch.no_grad()
+def sample_plms(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args=None,
+                callback=None, eta: float = 0.0) -> torch.Tensor:
+    """PLMS, Liu et al. 2022 "Pseudo Numerical Methods for Diffusion Models on Manifolds" (PNDM),
+    as CompVis `PLMSSampler` runs it (eta must be 0).
+
+    Each step is a DDIM (eta 0) step, i.e. x_next = x + (sigma_next - sigma) e', with e' a
+    4th-order Adams-Bashforth combination of the eps of past steps (eps = (x - x0) / sigma):
+    (3e - e1)/2, (23e - 16e1 + 5e2)/12, (55e - 59e1 + 37e2 - 9e3)/24. The first step has no
+    history: a pseudo improved Euler (Heun) step averages eps at x and at the Euler-predicted
+    x_next. As in CompVis, that second evaluation uses the next timestep, or the same timestep
+    when it is the last step (steps = 1). The eps history lives in this call only.
+    """
+    if eta != 0.0:
+        raise ValueError(f"PLMS is deterministic: eta must be 0, got {eta}")
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    old_eps: list[torch.Tensor] = []
+    n = len(sigmas) - 1
+    for i in range(n):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = denoise(x, sigmas[i] * s_in, **extra_args)
+        eps = (x - denoised) / sigma
+        if not old_eps:
+            x_pred = x + (sigma_next - sigma) * eps  # Euler predictor = DDIM step with eps
+            if i + 1 < n:  # evaluate at (x_next, t_next)
+                eps_next = (x_pred - denoise(x_pred, sigmas[i + 1] * s_in, **extra_args)) / sigma_next
+            else:  # CompVis' t_next of the last step is t itself: x_next_t fed at timestep t
+                x_pred = to_sigma_space(from_sigma_space(x_pred, sigma_next), sigma)
+                eps_next = (x_pred - denoise(x_pred, sigmas[i] * s_in, **extra_args)) / sigma
+            eps_prime = (eps + eps_next) / 2
+        elif len(old_eps) == 1:
+            eps_prime = (3 * eps - old_eps[-1]) / 2
+        elif len(old_eps) == 2:
+            eps_prime = (23 * eps - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+        else:
+            eps_prime = (55 * eps - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+        if callback is not None:
+            # denoised as CompVis' pred_x0 of the step actually taken (from eps_prime)
+            callback(dict(x=x, i=i, sigma=sigmas[i], denoised=x - sigma * eps_prime))
+        x = x + (sigma_next - sigma) * eps_prime
+        old_eps = (old_eps + [eps])[-3:]
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": sample_ddim, "plms": sample_plms}
+
+
+def sample(name: str, denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args=None,
+           callback=None, **options) -> torch.Tensor:
+    """`SAMPLERS[name](denoise, x, sigmas, extra_args, callback, **options)`, with a clear error."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    return SAMPLERS[name](denoise, x, sigmas, extra_args=extra_args, callback=callback, **options)
+
+
+# --- plans: which sigmas a sampler walks, and how x enters and leaves sigma space --------------------
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """sigmas: descending float32 (n+1,) on the CPU, n = number of steps.
+    init_scale: x = noise * init_scale is the starting point (noise ~ N(0, I)).
+    final_scale: latent = x * final_scale converts the sampler's result back to a latent x_t."""
+    sigmas: torch.Tensor
+    init_scale: float
+    final_scale: float
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    def to_latent(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.final_scale
+
+
+def make_plan(schedule: Schedule, name: str, steps: int) -> SamplingPlan:
+    """Sigmas and start/end scaling of sampler `name` for `steps` steps (txt2img).
+
+    DDIM and PLMS walk CompVis' DDIM timesteps and start, as CompVis, at x_T = noise, so
+    init_scale = sqrt(1 + sigma_max^2); they end at sigma(t=0), so final_scale = 1 / sqrt(1 +
+    sigma_min^2) (see the module docstring).
+    """
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    sigmas = schedule.ddim_sigmas(steps)
+    sigma_max = float(schedule.sigmas[schedule.ddim_timesteps(steps)[-1]])  # float64
+    sigma_min = float(schedule.sigmas[0])
+    return SamplingPlan(sigmas, math.sqrt(1.0 + sigma_max ** 2), 1.0 / math.sqrt(1.0 + sigma_min ** 2))
