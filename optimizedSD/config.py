@@ -1,8 +1,8 @@
 """One config object for Stable Diffusion v1: frozen dataclasses whose defaults are SD v1's.
 
 `SDConfig.from_yaml` reads a CompVis-style `v1-inference.yaml`: it takes the `params` blocks and
-ignores every `target:` (nothing is imported by path). `check_shapes` compares the config with the
-tensor shapes a checkpoint actually holds and names the first mismatch.
+ignores every `target:` (nothing is imported by path). The checkpoint loader compares the config
+with the tensor shapes a checkpoint holds and names the first mismatch.
 """
 from __future__ import annotations
 
@@ -92,8 +92,8 @@ class SDConfig:
             raise ConfigError(f"config file not found: {path}") from None
         except Exception as e:  # omegaconf raises many types for bad YAML
             raise ConfigError(f"cannot read config {path}: {e}".splitlines()[0]) from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config {path}: expected a mapping at the top level")
+        if not isinstance(raw, dict) or not raw:
+            raise ConfigError(f"config {path} is empty or not a YAML mapping; see configs/v1-inference.yaml")
         params = (raw.get("model") or {}).get("params") if "model" in raw else raw.get("params", raw)
         if not isinstance(params, dict):
             raise ConfigError(f"config {path}: no model.params section")

@@ -1,1 +1,20 @@
-import sys, pathlib; sys.path[:0] = [str(pathlib.Path(__file__).parent), str(pathlib.Path(__file__).parent.parent)]
+import pathlib
+import sys
+
+sys.path[:0] = [str(pathlib.Path(__file__).parent), str(pathlib.Path(__file__).parent.parent)]
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny SD v1 checkpoint in the original layout plus its YAML config: (ckpt, yaml, cfg, state dict)."""
+    from checkpoints import write_tiny_checkpoint
+    from reference import write_yaml_config
+
+    from optimizedSD.config import tiny_config
+
+    d = tmp_path_factory.mktemp("tiny_model")
+    cfg = tiny_config()
+    state = write_tiny_checkpoint(d / "tiny.ckpt", cfg, seed=0)
+    return d / "tiny.ckpt", write_yaml_config(cfg, d / "tiny.yaml"), cfg, state

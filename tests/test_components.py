@@ -38,6 +38,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from optimizedSD.attention import AttentionPolicy, attention, get_policy, set_policy
 from optimizedSD.config import SDConfig, tiny_config
 from optimizedSD.fragments import TEXT_ENCODER, UNET_IN, UNET_OUT, VAE, build_fragments, checkpoint_key
+from reference import (checkpoint, diffusers_unet, diffusers_vae, ldm_config, randomize, tiny_fragments,
+                       transformers_clip)
 
 REL_TOL = 1e-5  # max |ours - reference| allowed, as a fraction of max |reference| (float32, see above)
 
@@ -57,92 +59,6 @@ def assert_matches(ours: torch.Tensor, ref: torch.Tensor, rel_tol: float = REL_T
 # Fixtures: tiny random fragments, their original-layout checkpoint, the configs diffusers reads
 # ---------------------------------------------------------------------------------------------
 
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    """Give every parameter a distinct random value.
-
-    Default inits leave all norm weights at 1 and biases at 0, which would let a swapped
-    norm1/norm2 or a dropped bias go unnoticed; embeddings from transformers' init are tiny.
-    Matrices get std fan_in^-1/2 (activations stay O(1)); vectors get +-0.1 noise.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.ndim == 1:
-                p.add_(0.1 * noise)
-            else:
-                p.copy_(noise * p[0].numel() ** -0.5)
-
-
-def _tiny_fragments(cfg: SDConfig, seed: int = 0) -> dict[str, torch.nn.Module]:
-    torch.manual_seed(seed)
-    frags = build_fragments(cfg)
-    for i, frag in enumerate(frags.values()):
-        _randomize(frag, seed * 10 + i)
-    return frags
-
-
-def _checkpoint(frags: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """The original CompVis-layout state dict the fragments would be loaded from."""
-    ckpt = {}
-    for name, frag in frags.items():
-        for key, value in frag.state_dict().items():
-            full = checkpoint_key(name, key)
-            assert full not in ckpt, f"two fragments claim {full}"
-            ckpt[full] = value
-    return ckpt
-
-
-def _ldm_config(cfg: SDConfig) -> dict:
-    """`cfg` written out as the dict CompVis' v1-inference.yaml parses to (the converters read it)."""
-    u, v = cfg.unet, cfg.vae
-    return {"model": {"params": {
-        "linear_start": cfg.linear_start, "linear_end": cfg.linear_end, "timesteps": cfg.timesteps,
-        "scale_factor": cfg.scale_factor, "channels": cfg.channels,
-        "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
-            "image_size": 32, "in_channels": u.in_channels, "out_channels": u.out_channels,
-            "model_channels": u.model_channels, "attention_resolutions": list(u.attention_resolutions),
-            "num_res_blocks": u.num_res_blocks, "channel_mult": list(u.channel_mult),
-            "num_heads": u.num_heads, "use_spatial_transformer": True,
-            "transformer_depth": u.transformer_depth, "context_dim": u.context_dim,
-            "use_checkpoint": True, "legacy": False}},
-        "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
-            "embed_dim": v.embed_dim, "ddconfig": {
-                "double_z": v.double_z, "z_channels": v.z_channels, "resolution": v.resolution,
-                "in_channels": v.in_channels, "out_ch": v.out_ch, "ch": v.ch, "ch_mult": list(v.ch_mult),
-                "num_res_blocks": v.num_res_blocks, "attn_resolutions": list(v.attn_resolutions),
-                "dropout": 0.0}}},
-        "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"},
-    }}}
-
-
-def _diffusers_unet(cfg: SDConfig, ckpt: dict) -> UNet2DConditionModel:
-    config = create_unet_diffusers_config_from_ldm(_ldm_config(cfg), ckpt)
-    model = UNet2DConditionModel(**config)
-    model.load_state_dict(convert_ldm_unet_checkpoint(ckpt, config), strict=True, assign=True)
-    return model.eval()
-
-
-def _diffusers_vae(cfg: SDConfig, ckpt: dict) -> DiffusersAutoencoderKL:
-    config = create_vae_diffusers_config_from_ldm(_ldm_config(cfg), ckpt)
-    model = DiffusersAutoencoderKL(**config)
-    model.load_state_dict(convert_ldm_vae_checkpoint(ckpt, config), strict=True, assign=True)
-    return model.eval()
-
-
-def _transformers_clip(cfg: SDConfig, ckpt: dict) -> CLIPTextModel:
-    config = CLIPTextConfig(**asdict(cfg.text))
-    model = CLIPTextModel(config)
-    state = convert_ldm_clip_checkpoint(ckpt)
-    if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel (as diffusers does)
-        state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}  # buffer, rebuilt
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    # position_ids is a non-persistent buffer in some transformers versions, persistent in others
-    assert [k for k in missing if not k.endswith("position_ids")] == [] and unexpected == []
-    return model.eval()
-
-
 # A second tiny UNet: three levels (two downsamplers), one res block per level, a level without
 # attention (DownBlock2D/UpBlock2D) and two transformer blocks per SpatialTransformer.
 _DEEP_UNET = replace(tiny_config(), unet=replace(tiny_config().unet, channel_mult=(1, 2, 2), num_res_blocks=1,
@@ -152,15 +68,15 @@ _DEEP_UNET = replace(tiny_config(), unet=replace(tiny_config().unet, channel_mul
 @pytest.fixture(scope="module")
 def tiny():
     cfg = tiny_config()
-    frags = _tiny_fragments(cfg)
-    return cfg, frags, _checkpoint(frags)
+    frags = tiny_fragments(cfg)
+    return cfg, frags, checkpoint(frags)
 
 
 @pytest.fixture(scope="module")
 def deep_unet():
-    frags = _tiny_fragments(_DEEP_UNET, seed=1)
+    frags = tiny_fragments(_DEEP_UNET, seed=1)
     frags = {k: frags[k] for k in (UNET_IN, UNET_OUT)}
-    return _DEEP_UNET, frags, _checkpoint(frags)
+    return _DEEP_UNET, frags, checkpoint(frags)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +98,7 @@ def _unet_eps(frags, x, t, context):
 ])
 def test_unet_matches_diffusers(request, which, hw):
     cfg, frags, ckpt = request.getfixturevalue("tiny" if which == "tiny" else "deep_unet")
-    ref_model = _diffusers_unet(cfg, ckpt)
+    ref_model = diffusers_unet(cfg, ckpt)
     g = torch.Generator().manual_seed(hw[0] * 100 + hw[1])
     x = torch.randn(2, cfg.unet.in_channels, *hw, generator=g)
     t = torch.tensor([999.0, 17.0])  # a different timestep per batch item
@@ -198,7 +114,7 @@ def test_unet_matches_diffusers(request, which, hw):
 def test_unet_scalar_and_fractional_timesteps(tiny):
     """A 0-d timestep broadcasts over the batch; k-diffusion samplers pass fractional t."""
     cfg, frags, ckpt = tiny
-    ref_model = _diffusers_unet(cfg, ckpt)
+    ref_model = diffusers_unet(cfg, ckpt)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 4, 8, 8, generator=g)
     context = torch.randn(2, 77, cfg.unet.context_dim, generator=g)
@@ -211,7 +127,7 @@ def test_unet_scalar_and_fractional_timesteps(tiny):
                                     AttentionPolicy("chunked", chunk_size=5, slice_size=2)])
 def test_unet_with_memory_saving_attention_matches_diffusers(tiny, policy):
     cfg, frags, ckpt = tiny
-    ref_model = _diffusers_unet(cfg, ckpt)
+    ref_model = diffusers_unet(cfg, ckpt)
     g = torch.Generator().manual_seed(6)
     x = torch.randn(2, 4, 9, 11, generator=g)
     t = torch.tensor([3.0, 641.0])
@@ -234,7 +150,7 @@ def test_unet_with_memory_saving_attention_matches_diffusers(tiny, policy):
 @pytest.mark.parametrize("hw", [(64, 64), (72, 56)])
 def test_vae_matches_diffusers(tiny, hw):
     cfg, frags, ckpt = tiny
-    ref_model = _diffusers_vae(cfg, ckpt)
+    ref_model = diffusers_vae(cfg, ckpt)
     ours_vae = frags[VAE]
     g = torch.Generator().manual_seed(hw[0])
     image = torch.rand(2, 3, *hw, generator=g) * 2 - 1
@@ -300,9 +216,9 @@ def _tokens(cfg, seed=0) -> torch.Tensor:
     return tokens
 
 
-def test_text_encoder_matches_transformers_clip(tiny):
+def test_text_encoder_matchestransformers_clip(tiny):
     cfg, frags, ckpt = tiny
-    ref_model = _transformers_clip(cfg, ckpt)
+    ref_model = transformers_clip(cfg, ckpt)
     tokens = _tokens(cfg.text)
     with torch.no_grad():
         assert_matches(frags[TEXT_ENCODER](tokens), ref_model(input_ids=tokens).last_hidden_state)
@@ -376,7 +292,7 @@ def full_size():
     cfg = SDConfig()
     with torch.device("meta"):
         frags = build_fragments(cfg)
-    return cfg, frags, _checkpoint(frags)
+    return cfg, frags, checkpoint(frags)
 
 
 def _count(*modules) -> int:
@@ -393,7 +309,7 @@ def test_full_size_parameter_counts(full_size):
 
 def test_full_size_unet_layout_is_what_diffusers_converts(full_size):
     cfg, frags, ckpt = full_size
-    config = create_unet_diffusers_config_from_ldm(_ldm_config(cfg), ckpt)
+    config = create_unet_diffusers_config_from_ldm(ldm_config(cfg), ckpt)
     converted = convert_ldm_unet_checkpoint(ckpt, config)
     with torch.device("meta"):
         model = UNet2DConditionModel(**config)
@@ -405,7 +321,7 @@ def test_full_size_unet_layout_is_what_diffusers_converts(full_size):
 
 def test_full_size_vae_layout_is_what_diffusers_converts(full_size):
     cfg, frags, ckpt = full_size
-    config = create_vae_diffusers_config_from_ldm(_ldm_config(cfg), ckpt)
+    config = create_vae_diffusers_config_from_ldm(ldm_config(cfg), ckpt)
     assert config["scaling_factor"] == cfg.scale_factor == 0.18215
     converted = convert_ldm_vae_checkpoint(ckpt, config)
     with torch.device("meta"):
@@ -418,5 +334,5 @@ def test_full_size_vae_layout_is_what_diffusers_converts(full_size):
 def test_full_size_text_encoder_layout_is_what_transformers_loads(full_size):
     cfg, frags, ckpt = full_size
     with torch.device("meta"):
-        model = _transformers_clip(cfg, ckpt)
+        model = transformers_clip(cfg, ckpt)
     assert _count(model) == 123_060_480

@@ -6,6 +6,7 @@ import logging
 import os
 
 import pytest
+from reference import openai_simple_tokenizer
 import torch
 
 from optimizedSD.tokenizer import BOS, EOS, ClipTokenizer, VocabNotFoundError, default_vocab_path, get_tokenizer
@@ -46,17 +47,7 @@ LONG = (
 
 @pytest.fixture(scope="module")
 def oracle():
-    """OpenAI's SimpleTokenizer, loaded by path: `import clip` fails without pkg_resources."""
-    spec = importlib.util.find_spec("clip")
-    if spec is None:
-        pytest.skip("openai-clip not installed")
-    folder = list(spec.submodule_search_locations)[0]
-    file_spec = importlib.util.spec_from_file_location(
-        "openai_clip_simple_tokenizer", os.path.join(folder, "simple_tokenizer.py")
-    )
-    module = importlib.util.module_from_spec(file_spec)
-    file_spec.loader.exec_module(module)
-    return module.SimpleTokenizer()
+    return openai_simple_tokenizer()
 
 
 @pytest.fixture(scope="module")

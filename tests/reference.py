@@ -1,0 +1,175 @@
+"""Independent reference implementations for the tests: diffusers and transformers models built from
+our original-layout checkpoints by diffusers' own single-file converters, and a diffusers
+StableDiffusionPipeline around them. Test-only; nothing here touches the network.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing below may touch the network
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+from diffusers import UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    create_unet_diffusers_config_from_ldm,
+    create_vae_diffusers_config_from_ldm,
+)
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from optimizedSD.config import SDConfig
+from optimizedSD.fragments import build_fragments, checkpoint_key
+
+
+def randomize(module: torch.nn.Module, seed: int) -> None:
+    """Give every parameter a distinct random value.
+
+    Default inits leave all norm weights at 1 and biases at 0, which would let a swapped
+    norm1/norm2 or a dropped bias go unnoticed; embeddings from transformers' init are tiny.
+    Matrices get std fan_in^-1/2 (activations stay O(1)); vectors get +-0.1 noise.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.ndim == 1:
+                p.add_(0.1 * noise)
+            else:
+                p.copy_(noise * p[0].numel() ** -0.5)
+
+
+def tiny_fragments(cfg: SDConfig, seed: int = 0) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(seed)
+    frags = build_fragments(cfg)
+    for i, frag in enumerate(frags.values()):
+        randomize(frag, seed * 10 + i)
+    return frags
+
+
+def checkpoint(frags: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """The original CompVis-layout state dict the fragments would be loaded from."""
+    ckpt = {}
+    for name, frag in frags.items():
+        for key, value in frag.state_dict().items():
+            full = checkpoint_key(name, key)
+            assert full not in ckpt, f"two fragments claim {full}"
+            ckpt[full] = value
+    return ckpt
+
+
+def ldm_config(cfg: SDConfig) -> dict:
+    """`cfg` written out as the dict CompVis' v1-inference.yaml parses to (the converters read it)."""
+    u, v = cfg.unet, cfg.vae
+    return {"model": {"params": {
+        "linear_start": cfg.linear_start, "linear_end": cfg.linear_end, "timesteps": cfg.timesteps,
+        "scale_factor": cfg.scale_factor, "channels": cfg.channels,
+        "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
+            "image_size": 32, "in_channels": u.in_channels, "out_channels": u.out_channels,
+            "model_channels": u.model_channels, "attention_resolutions": list(u.attention_resolutions),
+            "num_res_blocks": u.num_res_blocks, "channel_mult": list(u.channel_mult),
+            "num_heads": u.num_heads, "use_spatial_transformer": True,
+            "transformer_depth": u.transformer_depth, "context_dim": u.context_dim,
+            "use_checkpoint": True, "legacy": False}},
+        "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
+            "embed_dim": v.embed_dim, "ddconfig": {
+                "double_z": v.double_z, "z_channels": v.z_channels, "resolution": v.resolution,
+                "in_channels": v.in_channels, "out_ch": v.out_ch, "ch": v.ch, "ch_mult": list(v.ch_mult),
+                "num_res_blocks": v.num_res_blocks, "attn_resolutions": list(v.attn_resolutions),
+                "dropout": 0.0}}},
+        "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+                              "params": {"text_config": asdict(cfg.text)}},
+    }}}
+
+
+def diffusers_unet(cfg: SDConfig, ckpt: dict) -> UNet2DConditionModel:
+    config = create_unet_diffusers_config_from_ldm(ldm_config(cfg), ckpt)
+    model = UNet2DConditionModel(**config)
+    model.load_state_dict(convert_ldm_unet_checkpoint(ckpt, config), strict=True, assign=True)
+    return model.eval()
+
+
+def diffusers_vae(cfg: SDConfig, ckpt: dict) -> DiffusersAutoencoderKL:
+    config = create_vae_diffusers_config_from_ldm(ldm_config(cfg), ckpt)
+    model = DiffusersAutoencoderKL(**config)
+    model.load_state_dict(convert_ldm_vae_checkpoint(ckpt, config), strict=True, assign=True)
+    return model.eval()
+
+
+def transformers_clip(cfg: SDConfig, ckpt: dict) -> CLIPTextModel:
+    config = CLIPTextConfig(**asdict(cfg.text))
+    model = CLIPTextModel(config)
+    state = convert_ldm_clip_checkpoint(ckpt)
+    if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel (as diffusers does)
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}  # buffer, rebuilt
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    # position_ids is a non-persistent buffer in some transformers versions, persistent in others
+    assert [k for k in missing if not k.endswith("position_ids")] == [] and unexpected == []
+    return model.eval()
+
+
+def openai_simple_tokenizer():
+    """OpenAI's own SimpleTokenizer from the openai-clip package, loaded by path (`import clip`
+    needs pkg_resources); the oracle for our tokenizer."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("clip")
+    if spec is None:
+        import pytest
+        pytest.skip("openai-clip not installed")
+    folder = list(spec.submodule_search_locations)[0]
+    file_spec = importlib.util.spec_from_file_location("openai_clip_simple_tokenizer",
+                                                       os.path.join(folder, "simple_tokenizer.py"))
+    module = importlib.util.module_from_spec(file_spec)
+    file_spec.loader.exec_module(module)
+    return module.SimpleTokenizer()
+
+
+def clip_tokenizer(workdir: Path):
+    """transformers' CLIPTokenizer built offline from the BPE file openai-clip ships (as SD v1's
+    openai/clip-vit-large-patch14 tokenizer: pad with <|endoftext|>)."""
+    from transformers import CLIPTokenizer
+
+    oracle = openai_simple_tokenizer()
+    merges = sorted(oracle.bpe_ranks, key=oracle.bpe_ranks.get)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "vocab.json").write_text(json.dumps(oracle.encoder), encoding="utf-8")
+    (workdir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+                                        encoding="utf-8")
+    return CLIPTokenizer(str(workdir / "vocab.json"), str(workdir / "merges.txt"),
+                         pad_token="<|endoftext|>", model_max_length=77)
+
+
+def sd_pipeline(cfg: SDConfig, ckpt: dict, scheduler, workdir: Path):
+    """diffusers' StableDiffusionPipeline around the reference models converted from `ckpt`."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=diffusers_vae(cfg, ckpt), text_encoder=transformers_clip(cfg, ckpt),
+        tokenizer=clip_tokenizer(workdir), unet=diffusers_unet(cfg, ckpt), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd_v1_scheduler_config() -> dict:
+    """The SD v1 DDPM schedule in diffusers' terms (what its SD v1 model cards ship)."""
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                clip_sample=False, set_alpha_to_one=False, steps_offset=1, skip_prk_steps=True,
+                timestep_spacing="leading")
+
+
+def write_yaml_config(cfg: SDConfig, path: Path) -> Path:
+    """`cfg` as a CompVis-style YAML file, for `--config`."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(OmegaConf.create(ldm_config(cfg)), str(path))
+    return path
