@@ -1,8 +1,8 @@
 """Where each fragment lives: one engine moves unchanged modules between host and compute device.
 
-The CPU copy of every weight is the master. Putting a fragment on the device points each parameter
-and buffer at a device copy; taking it off points them back at the CPU master and lets the device
-copy be freed, so weights never travel device -> host. Model code never calls `.to(device)`.
+The CPU copy of every weight is the master. Putting a fragment on the device swaps each parameter
+and buffer for a device copy; taking it off puts the CPU master back and lets the device copy be
+freed, so weights never travel device -> host. Model code never calls `.to(device)`.
 
 Which fragments stay on the device during a phase is data: `RESIDENT[mode][phase]`. A fragment not
 resident for the current phase visits the device only for the duration of one `engine.use(name)`.
@@ -40,7 +40,7 @@ class Offloader:
         self.on_device: set[str] = set()
         self.bytes_moved = 0
         self._phase: str | None = None
-        # The host masters, captured once: fragment -> [(owner module, kind, name, cpu tensor)].
+        # The host masters, captured once: fragment -> [(owner module, kind, name, cpu parameter/buffer)].
         self._masters = {name: _tensors(module) for name, module in fragments.items()}
 
     @property
@@ -52,7 +52,8 @@ class Offloader:
         if name in self.on_device or not self.offloading:
             return
         for owner, kind, attr, master in self._masters[name]:
-            getattr(owner, kind)[attr].data = master.to(self.device, non_blocking=True)
+            copy = master.to(self.device, non_blocking=True)
+            getattr(owner, kind)[attr] = nn.Parameter(copy, requires_grad=False) if kind == "_parameters" else copy
             self.bytes_moved += master.numel() * master.element_size()
         self.on_device.add(name)
 
@@ -60,7 +61,7 @@ class Offloader:
         if name not in self.on_device:
             return
         for owner, kind, attr, master in self._masters[name]:
-            getattr(owner, kind)[attr].data = master  # the device copy is released, never copied back
+            getattr(owner, kind)[attr] = master  # the device copy is released, never copied back
         self.on_device.discard(name)
 
     def _resident(self) -> tuple[str, ...]:
@@ -101,7 +102,7 @@ def _tensors(module: nn.Module) -> list[tuple[nn.Module, str, str, torch.Tensor]
         for kind in ("_parameters", "_buffers"):
             for attr, tensor in getattr(owner, kind).items():
                 if tensor is not None:
-                    out.append((owner, kind, attr, tensor.data))
+                    out.append((owner, kind, attr, tensor))
     return out
 
 

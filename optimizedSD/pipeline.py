@@ -111,12 +111,12 @@ class Pipeline:
 
     # ---- VAE --------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in about [-1, 1], fp32 on the CPU, one at a time."""
+        """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in about [-1, 1], fp32, decoded one at a time."""
         images = []
         with self.engine.phase("decode"), self.engine.use(VAE) as vae, self._autocast():
             for z in latents.split(1):
                 z = (z / self.cfg.scale_factor).to(self.device, self.dtype)
-                images.append(vae.decode(z).float().cpu())
+                images.append(vae.decode(z).float())
         return torch.cat(images)
 
     def txt2img(self, prompt: str, negative_prompt: str, seeds: list[int], height: int, width: int,

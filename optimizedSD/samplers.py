@@ -60,11 +60,15 @@ class Schedule:
         self.log_sigmas = self.sigmas.log()
 
     def ddim_timesteps(self, steps: int) -> list[int]:
-        """CompVis `make_ddim_timesteps(method="uniform")`: ascending DDPM timesteps, offset by 1."""
+        """CompVis `make_ddim_timesteps(method="uniform")`: ascending DDPM timesteps, offset by 1.
+
+        Where the reference would index past the schedule (range(0, 1000, c) ending at 999, e.g.
+        steps 3, 9, 27: timestep 1000, an IndexError in CompVis), that one step is dropped.
+        """
         if not 1 <= steps <= self.timesteps:
             raise ValueError(f"steps must be in 1..{self.timesteps}, got {steps}")
         c = self.timesteps // steps
-        return [t + 1 for t in range(0, self.timesteps, c)]
+        return [t + 1 for t in range(0, self.timesteps, c) if t + 1 < self.timesteps]
 
     def ddim_sigmas(self, steps: int) -> torch.Tensor:
         """Descending float32 sigmas of `ddim_timesteps(steps)`, then sigma(t=0).

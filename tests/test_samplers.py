@@ -393,3 +393,11 @@ def test_samplers_are_pure_functions_with_callback():
     assert SAMPLERS["ddim"] is sample_ddim and SAMPLERS["plms"] is sample_plms
     with pytest.raises(ValueError, match="unknown sampler"):
         make_plan(s, "nope", 10)
+
+
+@pytest.mark.parametrize("steps", [3, 9, 27])
+def test_steps_where_the_reference_overruns_the_schedule_drop_timestep_1000(steps):
+    ts = Schedule().ddim_timesteps(steps)
+    c = 1000 // steps
+    assert ts == [t + 1 for t in range(0, 1000 - c, c)] and max(ts) < 1000
+    assert len(Schedule().ddim_sigmas(steps)) == len(ts) + 1
