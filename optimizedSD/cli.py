@@ -26,8 +26,15 @@ class UsageError(Exception):
     """A bad flag value, file or environment: reported as one line, exit 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line, like every other error of the tool."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = Parser(prog=prog, description=description)
     a = p.add_argument
     a("--prompt", type=str, default="a painting of a virus monster playing guitar",
       help="what to draw; weighted sub-prompts allowed: 'a tabby cat:0.25 a white duck:0.75'")
@@ -69,9 +76,13 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 # ---- validation: everything that can be checked before a model is loaded ----------------------
 def read_prompts(args) -> list[str]:
+    """The prompts to render (--prompt, or each non-blank line of --from-file, stripped), with
+    their sub-prompt weights and those of --negative_prompt checked."""
+    check_weights(args.negative_prompt, "--negative_prompt")
     if args.from_file is None:
         if not args.prompt.strip():
             raise UsageError("--prompt is empty; give a prompt or --from-file")
+        check_weights(args.prompt, "--prompt")
         return [args.prompt]
     try:
         lines = Path(args.from_file).read_text(encoding="utf-8").splitlines()
@@ -79,10 +90,24 @@ def read_prompts(args) -> list[str]:
         raise UsageError(f"prompt file not found: {args.from_file}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read prompt file {args.from_file}: {e}") from None
-    prompts = [line.strip() for line in lines if line.strip()]
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            check_weights(line.strip(), f"{args.from_file} line {number}")
+            prompts.append(line.strip())
     if not prompts:
         raise UsageError(f"prompt file {args.from_file} has no prompts; write one prompt per line")
     return prompts
+
+
+def check_weights(prompt: str, where: str) -> None:
+    """Weighted sub-prompts whose weights sum to zero or less are a usage error, found up front."""
+    from .prompts import parse_weighted
+
+    try:
+        parse_weighted(prompt)
+    except ValueError as e:
+        raise UsageError(f"{where}: {e}") from None
 
 
 def find_checkpoint(arg: str | None) -> Path:
@@ -174,6 +199,7 @@ def run_txt2img(args) -> int:
     from .images import ImageWriter, ensure_writable, file_hash, to_pil
     from .offload import Offloader
     from .pipeline import Pipeline, SampleSettings, weight_dtype
+    from .tokenizer import VocabNotFoundError, get_tokenizer
 
     cfg = load_config(args.config)
     validate(args, cfg)
@@ -181,6 +207,10 @@ def run_txt2img(args) -> int:
     ckpt = find_checkpoint(args.ckpt)
     device = resolve_device(args.device)
     check_outdir(args.outdir)
+    try:
+        get_tokenizer()  # a missing CLIP vocabulary is an install problem, found before any output
+    except VocabNotFoundError as e:
+        raise UsageError(str(e)) from None
     seed = args.seed if args.seed is not None else random.randrange(2 ** 32)
     print(f"device: {device}; seed: {seed}; checkpoint: {ckpt}", flush=True)
 

@@ -18,6 +18,8 @@ import html
 import importlib.util
 import logging
 import os
+import sys
+from importlib.machinery import PathFinder
 
 import ftfy
 import regex
@@ -57,13 +59,17 @@ class VocabNotFoundError(FileNotFoundError):
 
 
 def default_vocab_path() -> str:
-    """Path of ``bpe_simple_vocab_16e6.txt.gz`` inside the installed ``openai-clip`` package."""
-    spec = importlib.util.find_spec("clip")  # locates without importing
+    """Path of ``bpe_simple_vocab_16e6.txt.gz`` inside the installed ``openai-clip`` package.
+
+    Every ``clip`` package on ``sys.path`` is looked at, in order, not only the first: a CompVis
+    checkout may hold a ``clip`` folder of its own that shadows the installed one.
+    """
     folders = []
-    if spec is not None:
-        folders = list(spec.submodule_search_locations or [])
-        if spec.origin:
-            folders.append(os.path.dirname(spec.origin))
+    for spec in [importlib.util.find_spec("clip")] + [PathFinder.find_spec("clip", [entry]) for entry in sys.path]:
+        if spec is not None:  # located, never imported
+            folders += list(spec.submodule_search_locations or [])
+            folders += [os.path.dirname(spec.origin)] if spec.origin else []
+    folders = list(dict.fromkeys(folders))
     for folder in folders:
         path = os.path.join(folder, _VOCAB_FILE)
         if os.path.isfile(path):

@@ -151,5 +151,17 @@ def test_plain_text_vocab_and_missing_file(tmp_path):
 
 def test_missing_package_message(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr("optimizedSD.tokenizer.PathFinder.find_spec", lambda name, path=None: None)
     with pytest.raises(VocabNotFoundError, match="pip install openai-clip"):
         default_vocab_path()
+
+
+def test_vocab_found_behind_a_shadowing_clip_folder(tmp_path, monkeypatch):
+    """A `clip` folder first on sys.path (as in some CompVis checkouts) without the vocabulary does
+    not hide the installed package's file."""
+    installed = default_vocab_path()
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip/__init__.py").write_text("raise ImportError('never imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert importlib.util.find_spec("clip").submodule_search_locations[0] == str(tmp_path / "clip")
+    assert default_vocab_path() == installed
