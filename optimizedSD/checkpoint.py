@@ -103,6 +103,19 @@ def load_fragments(path: str | Path, cfg: SDConfig, names=FRAGMENTS, dtype: torc
     return modules
 
 
+def empty_fragments(cfg: SDConfig, names=FRAGMENTS, dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
+    """Fragments `names` as `load_fragments` gives them, but with uninitialised weights and no file
+    read: real CPU tensors in `dtype`, allocated and never written (the planner's host copies)."""
+    with _parameters_on_meta():
+        modules = {name: build_fragment(name, cfg) for name in names}
+    for name, module in modules.items():
+        state = {k: torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype)
+                 for k, v in module.state_dict().items()}
+        module.load_state_dict(state, strict=True, assign=True)
+        _finish(name, module, dtype)
+    return modules
+
+
 def _plan(path: Path, shapes: dict, expected: dict[str, dict], ema: bool) -> dict[str, dict[str, str]]:
     """fragment -> {local key: checkpoint key to read}, after checking keys and shapes."""
     ema_unet = ema and any(name in expected for name in UNET_FRAGMENTS)

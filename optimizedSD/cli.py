@@ -16,6 +16,7 @@ import torch
 
 from .config import SDConfig, ConfigError
 from .samplers import SAMPLERS, make_plan
+from .ksamplers import KSAMPLERS
 
 ROOT = Path(__file__).resolve().parent.parent  # the repo, or the CompVis checkout we were dropped into
 COMPVIS_CKPT = Path("models/ldm/stable-diffusion-v1/model.ckpt")
@@ -46,7 +47,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     a("--skip_grid", action="store_true", help="do not save a grid of each prompt's images")
     a("--skip_save", action="store_true", help="do not save the individual images (only the grid)")
     a("--format", type=str, default="png", choices=["png", "jpg"], help="image file format")
-    a("--sampler", type=str, default="plms", choices=sorted(SAMPLERS), help="sampling method")
+    a("--sampler", type=str, default="plms", choices=sorted(SAMPLERS),
+      help="sampling method: ddim, plms (CompVis) or a k-diffusion sampler: " + ", ".join(KSAMPLERS))
+    a("--karras", action="store_true", help="Karras et al. 2022 sigma schedule (k-samplers only)")
     a("--plms", action="store_true", help="same as --sampler plms")
     a("--ddim_steps", type=int, default=50, help="number of sampling steps")
     a("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic); ddim only")
@@ -62,10 +65,17 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     a("--fixed_code", action="store_true", help="every image starts from the first image's noise")
     a("--unet_bs", type=int, default=1, help="latents passed through each UNet half at once")
     a("--turbo", action="store_true", help="keep both UNet halves on the device while sampling (faster, more VRAM)")
+    a("--lowvram", action="store_true",
+      help="stream the UNet block by block: the lowest device memory (slower)")
+    a("--vram", type=str, default=None, metavar="SIZE",
+      help="device memory budget, e.g. 2G or 1536M: keeps as much of the UNet on the device as fits, streams "
+           "the rest block by block, and picks --unet_bs, images at once and tiled decoding to fit")
+    a("--json", action="store_true", help="print the run's figures (memory per phase, timings) as one JSON object")
     a("--precision", type=str, default="autocast", choices=["autocast", "full"],
       help="autocast: fp16 weights and autocast on CUDA; full: fp32 (CPU always runs fp32)")
     a("--device", type=str, default=None,
-      help="cuda, cuda:N, mps or cpu (default: cuda if available, else mps, else cpu)")
+      help="cuda, cuda:N, mps or cpu (default: cuda if available, else mps, else cpu); meta: plan a CUDA run "
+           "shape-only (no checkpoint read, no image written) and print its peak device memory per phase")
     a("--ckpt", type=str, default=None,
       help=f"checkpoint (.ckpt or .safetensors); default: {COMPVIS_CKPT} if present, else the one file in weights/")
     a("--config", type=str, default=None,
@@ -164,6 +174,19 @@ def validate(args, cfg: SDConfig) -> None:
         raise UsageError(f"--ddim_eta must be 0 or more, got {args.ddim_eta}")
     if args.ddim_eta and args.sampler != "ddim":
         raise UsageError(f"--ddim_eta applies to --sampler ddim only (got --sampler {args.sampler})")
+    if args.karras and args.sampler not in KSAMPLERS:
+        raise UsageError(f"--karras applies to the k-samplers only ({', '.join(KSAMPLERS)}), "
+                         f"not --sampler {args.sampler}")
+    modes = [flag for flag, on in (("--turbo", args.turbo), ("--lowvram", args.lowvram), ("--vram", args.vram)) if on]
+    if len(modes) > 1:
+        raise UsageError(f"{' and '.join(modes)} exclude each other; pick one")
+    if args.vram is not None:
+        from .planner import parse_size
+
+        try:
+            args.vram_bytes = parse_size(args.vram)
+        except ValueError as e:
+            raise UsageError(f"--vram: {e}") from None
     if args.seed is not None and not 0 <= args.seed < 2 ** 63:
         raise UsageError(f"--seed must be between 0 and 2^63-1, got {args.seed}")
 
@@ -181,8 +204,8 @@ def resolve_device(name: str | None) -> torch.device:
         raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {name}: MPS is not available here; use --device cpu")
-    if device.type not in ("cuda", "mps", "cpu"):
-        raise UsageError(f"unsupported --device {name}; use cuda, cuda:N, mps or cpu")
+    if device.type not in ("cuda", "mps", "cpu", "meta"):
+        raise UsageError(f"unsupported --device {name}; use cuda, cuda:N, mps, cpu or meta")
     return device
 
 
@@ -192,67 +215,171 @@ def load_config(path: str | None) -> SDConfig:
 
 # ---- the run --------------------------------------------------------------------------------
 def run_txt2img(args) -> int:
+    figures = txt2img(args)
+    if args.json:
+        import json
+
+        print(json.dumps(figures), flush=True)
+    return 0
+
+
+def txt2img(args) -> dict:
+    """The whole txt2img run of parsed `args`; returns its figures (time, memory per phase)."""
+    from contextlib import nullcontext
+
     from tqdm import tqdm
 
-    from .checkpoint import load_fragments
-    from .fragments import TEXT_ENCODER, UNET_IN, UNET_OUT, VAE
+    from .attention import auto_policy, using_policy
+    from .checkpoint import empty_fragments, load_fragments
+    from .fragments import FRAGMENTS
     from .images import ImageWriter, ensure_writable, file_hash, to_pil
-    from .offload import Offloader
+    from .memory import MetaMeter, meter_for
+    from .offload import Offloader, unet_units
     from .pipeline import Pipeline, SampleSettings, weight_dtype
+    from .planner import PlanError, choose_plan, describe
     from .tokenizer import VocabNotFoundError, get_tokenizer
 
     cfg = load_config(args.config)
     validate(args, cfg)
     prompts = read_prompts(args)
-    ckpt = find_checkpoint(args.ckpt)
     device = resolve_device(args.device)
-    check_outdir(args.outdir)
+    planning = device.type == "meta"  # shape-only: a CUDA run planned, nothing read or written
+    ckpt = None if planning else find_checkpoint(args.ckpt)
+    if not planning:
+        check_outdir(args.outdir)
     try:
         get_tokenizer()  # a missing CLIP vocabulary is an install problem, found before any output
     except VocabNotFoundError as e:
         raise UsageError(str(e)) from None
     seed = args.seed if args.seed is not None else random.randrange(2 ** 32)
-    print(f"device: {device}; seed: {seed}; checkpoint: {ckpt}", flush=True)
-
     dtype = weight_dtype(device, args.precision)
-    fragments = load_fragments(ckpt, cfg, names=(TEXT_ENCODER, UNET_IN, UNET_OUT, VAE), dtype=dtype, ema=args.ema)
-    engine = Offloader(fragments, device, mode="turbo" if args.turbo else "default")
-    pipe = Pipeline(cfg, engine, dtype=dtype, unet_bs=args.unet_bs)
-    settings = SampleSettings(sampler=args.sampler, steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta)
-    ensure_writable(args.outdir)
-    meta = dict(negative_prompt=args.negative_prompt, sampler=args.sampler, steps=args.ddim_steps,
-                scale=args.scale, checkpoint=ckpt.name, checkpoint_hash=file_hash(ckpt))
+    try:
+        plan = choose_plan(cfg, dtype, turbo=args.turbo, lowvram=args.lowvram, vram=getattr(args, "vram_bytes", None),
+                           unet_bs=args.unet_bs, height=args.H, width=args.W, n_samples=args.n_samples,
+                           guided=args.scale != 1.0)
+    except PlanError as e:
+        raise UsageError(str(e)) from None
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
+    log(f"device: {device}; seed: {seed}; checkpoint: {ckpt or 'none (planning)'}")
 
-    start, written, index, dirs = time.perf_counter(), 0, 0, []
-    fixed = None
+    if planning:
+        fragments = empty_fragments(cfg, FRAGMENTS, dtype)
+    else:
+        fragments = load_fragments(ckpt, cfg, names=FRAGMENTS, dtype=dtype, ema=args.ema)
+    log(describe(plan, len(unet_units(fragments))))
+    settings = SampleSettings(sampler=args.sampler, steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta,
+                              karras=args.karras)
+    steps = make_plan(Pipeline.schedule_of(cfg), settings.sampler, settings.steps, karras=settings.karras).steps
+    if not planning:
+        ensure_writable(args.outdir)
+        meta = dict(negative_prompt=args.negative_prompt, steps=args.ddim_steps,
+                    sampler=args.sampler + (" karras" if args.karras else ""),
+                    scale=args.scale, checkpoint=ckpt.name, checkpoint_hash=file_hash(ckpt))
     f = cfg.downsample_factor
+    fixed = None
     if args.fixed_code:
         fixed = torch.randn((1, cfg.channels, args.H // f, args.W // f), generator=torch.Generator("cpu").manual_seed(seed))
-    for prompt in prompts:
-        writer = ImageWriter(args.outdir, prompt, fmt=args.format, metadata=meta)
-        images = []
-        for _ in range(args.n_iter):
-            seeds = [seed + index + j for j in range(args.n_samples)]
-            index += args.n_samples
-            steps = make_plan(pipe.schedule, settings.sampler, settings.steps).steps
-            with tqdm(total=steps, desc=f"sampling seeds {seeds[0]}-{seeds[-1]}", leave=False) as bar:
-                x = pipe.txt2img(prompt, args.negative_prompt, seeds, args.H, args.W, settings,
-                                 fixed_noise=fixed, callback=lambda _: bar.update(1))
-            batch = to_pil(x)
-            images += batch
-            if not args.skip_save:
-                for s, im in zip(seeds, batch):
-                    writer.save(im, s)
-                    written += 1
-        if not args.skip_grid:
-            writer.save_grid(images, args.n_rows or args.n_samples)
-        dirs.append(str(writer.dir))
+
+    meter = MetaMeter() if planning else meter_for(device)
+    start, written, index, dirs, sampled_steps, sample_seconds = time.perf_counter(), 0, 0, [], 0, 0.0
+    policy = auto_policy("cuda" if planning else device)  # meta plans the CUDA run's kernels
+    with using_policy(policy), meter if planning else nullcontext():
+        engine = Offloader(fragments, device, plan.mode, plan.resident, meter=meter)
+        pipe = Pipeline(cfg, engine, dtype=dtype, unet_bs=plan.unet_bs, tile=plan.tile)
+        batch_size = plan.batch or args.n_samples
+        for prompt in prompts:
+            writer = None if planning else ImageWriter(args.outdir, prompt, fmt=args.format, metadata=meta)
+            images = []
+            for _ in range(args.n_iter):
+                seeds = [seed + index + j for j in range(args.n_samples)]
+                index += args.n_samples
+                done = 0
+                while done < len(seeds):
+                    chunk = seeds[done:done + batch_size]
+                    try:
+                        with tqdm(total=steps, desc=f"sampling seeds {chunk[0]}-{chunk[-1]}", leave=False,
+                                  disable=planning) as bar:
+                            t0 = time.perf_counter()
+                            latents = pipe.txt2img_latents(prompt, args.negative_prompt, chunk, args.H, args.W,
+                                                           settings, fixed_noise=fixed,
+                                                           callback=lambda _: bar.update(1))
+                            sample_seconds += time.perf_counter() - t0
+                    except torch.cuda.OutOfMemoryError:
+                        batch_size = _smaller(pipe, batch_size, len(chunk))
+                        continue
+                    sampled_steps += steps
+                    x = _decode_retrying(pipe, latents)
+                    done += len(chunk)
+                    if planning:
+                        continue
+                    batch = to_pil(x)
+                    images += batch
+                    if not args.skip_save:
+                        for s, im in zip(chunk, batch):
+                            writer.save(im, s)
+                            written += 1
+            if writer and not args.skip_grid:
+                writer.save_grid(images, args.n_rows or args.n_samples)
+            if writer:
+                dirs.append(str(writer.dir))
     seconds = time.perf_counter() - start
     total = len(prompts) * args.n_iter * args.n_samples
-    where = dirs[0] if len(set(dirs)) == 1 else f"{len(set(dirs))} folders under {args.outdir}"
-    print(f"wrote {written} images{'' if args.skip_grid else ' and ' + str(len(prompts)) + ' grid(s)'} to {where} "
-          f"in {seconds:.1f} s ({seconds / total:.2f} s/image)")
-    return 0
+    figures = dict(device=str(device), width=args.W, height=args.H, images=total, seconds=round(seconds, 3),
+                   seconds_per_image=round(seconds / total, 3),
+                   seconds_per_step=round(sample_seconds / max(1, sampled_steps), 4), mode=plan.mode, resident_blocks=len(plan.resident),
+                   unet_bs=pipe.unet_bs, images_at_once=batch_size, tiled_decode=pipe.tile,
+                   peak_bytes={k: v for k, v in engine.peaks.items()},
+                   host_to_device_bytes_per_step=engine.phase_bytes.get("sample", 0) // max(1, sampled_steps),
+                   fp16_decodes_redone_in_fp32=pipe.redone_in_fp32)
+    if pipe.redone_in_fp32:
+        warn(f"note: {pipe.redone_in_fp32} fp16 decode(s) overflowed and were redone in fp32")
+    log(_memory_line(figures, planning))
+    if not planning:
+        where = dirs[0] if len(set(dirs)) == 1 else f"{len(set(dirs))} folders under {args.outdir}"
+        log(f"wrote {written} images{'' if args.skip_grid else ' and ' + str(len(prompts)) + ' grid(s)'} to {where} "
+            f"in {seconds:.1f} s ({seconds / total:.2f} s/image)")
+    return figures
+
+
+def _memory_line(figures: dict, planning: bool) -> str:
+    from .planner import gib
+
+    peaks = figures["peak_bytes"]
+    if not peaks:
+        return f"peak device memory: not measured on {figures['device']}"
+    phases = ", ".join(f"{k} {gib(v)}" for k, v in peaks.items())
+    moved = gib(figures["host_to_device_bytes_per_step"])
+    return f"{'planned ' if planning else ''}peak device memory: {phases}; host->device per sampling step {moved}"
+
+
+def warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _smaller(pipe, batch_size: int, chunk: int) -> int:
+    """After running out of GPU memory while sampling: halve --unet_bs, else the images at once."""
+    torch.cuda.empty_cache()
+    if pipe.unet_bs > 1:
+        pipe.unet_bs //= 2
+        warn(f"out of GPU memory while sampling; retrying with --unet_bs {pipe.unet_bs}")
+        return batch_size
+    if chunk > 1:
+        warn(f"out of GPU memory while sampling; retrying {chunk // 2} image(s) at once")
+        return chunk // 2
+    raise torch.cuda.OutOfMemoryError("out of memory at --unet_bs 1 with one image at once")
+
+
+def _decode_retrying(pipe, latents):
+    """Decode; on running out of GPU memory, switch to tiled decoding once and retry."""
+    try:
+        return pipe.decode(latents)
+    except torch.cuda.OutOfMemoryError:
+        if pipe.tile:
+            raise
+        torch.cuda.empty_cache()
+        pipe.tile = True
+        warn("out of GPU memory while decoding; retrying with tiled VAE decode")
+        return pipe.decode(latents)
 
 
 def main(run, argv=None, prog: str = "optimized_txt2img.py",
@@ -267,8 +394,8 @@ def main(run, argv=None, prog: str = "optimized_txt2img.py",
         print(f"error: {e}", file=sys.stderr)
         return 2
     except torch.cuda.OutOfMemoryError:
-        print(f"error: out of GPU memory at {args.W}x{args.H} with --n_samples {args.n_samples}; "
-              "try --n_samples 1, --unet_bs 1, a smaller size, or drop --turbo", file=sys.stderr)
+        print(f"error: out of GPU memory at {args.W}x{args.H}, even with --unet_bs 1 and one image at once; "
+              "try --lowvram, a smaller --vram or a smaller size", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,11 +1,21 @@
 """Where each fragment lives: one engine moves unchanged modules between host and compute device.
 
-The CPU copy of every weight is the master. Putting a fragment on the device swaps each parameter
-and buffer for a device copy; taking it off puts the CPU master back and lets the device copy be
+The CPU copy of every weight is the master. Putting a unit on the device swaps each parameter and
+buffer for a device copy; taking it off puts the CPU master back and lets the device copy be
 freed, so weights never travel device -> host. Model code never calls `.to(device)`.
 
-Which fragments stay on the device during a phase is data: `RESIDENT[mode][phase]`. A fragment not
-resident for the current phase visits the device only for the duration of one `engine.use(name)`.
+Units: the text encoder and the VAE are one unit each; each UNet half is split into its blocks
+(`unet_in.time_embed`, `unet_in.input_blocks.0` ... `unet_in.middle_block`, `unet_out.output_blocks.0`
+... `unet_out.out`), in the order they run.
+
+Modes (which units stay on the device during a phase is data: `RESIDENT[mode][phase]`):
+- "default": the four fragments, one on the device at a time; each UNet half visits the device
+  whole for its share of every step.
+- "turbo": both UNet halves stay on the device for the whole sampling loop.
+- "stream": the UNet units in `resident` stay for the sampling loop; every other UNet block is
+  streamed: put on the device just before it runs and dropped right after, while the next streamed
+  block is prefetched (on CUDA: from pinned memory on a side stream, synchronised with an event).
+  `resident=()` is the lowest-memory setting (`--lowvram`); a budget (`--vram`) picks `resident`.
 """
 from __future__ import annotations
 
@@ -15,85 +25,203 @@ import torch
 from torch import nn
 
 from .fragments import FRAGMENTS, TEXT_ENCODER, UNET_IN, UNET_OUT, VAE
+from .memory import NullMeter
 
 PHASES = ("text", "sample", "decode", "encode")
+UNET_HALVES = (UNET_IN, UNET_OUT)
+# The children of each UNet half that are streamed as one block, in the order they run.
+UNET_BLOCK_LISTS = {UNET_IN: ("time_embed", "input_blocks", "middle_block"), UNET_OUT: ("output_blocks", "out")}
 
-# mode -> phase -> fragments kept on the device for the whole phase.
+# mode -> phase -> fragments kept on the device for the whole phase ("stream" adds its `resident` units).
 RESIDENT = {
-    # Four fragments, one on the device at a time: each UNet half visits for its share of every step.
     "default": {"text": (TEXT_ENCODER,), "sample": (), "decode": (VAE,), "encode": (VAE,)},
-    # --turbo: both UNet halves stay for the whole sampling loop.
-    "turbo": {"text": (TEXT_ENCODER,), "sample": (UNET_IN, UNET_OUT), "decode": (VAE,), "encode": (VAE,)},
+    "turbo": {"text": (TEXT_ENCODER,), "sample": UNET_HALVES, "decode": (VAE,), "encode": (VAE,)},
+    "stream": {"text": (TEXT_ENCODER,), "sample": (), "decode": (VAE,), "encode": (VAE,)},
 }
 MODES = tuple(RESIDENT)
 
 
-class Offloader:
-    """Moves fragments to `device` on demand; counts host->device bytes moved."""
+def unet_units(fragments: dict[str, nn.Module]) -> list[tuple[str, nn.Module]]:
+    """(unit name, module) of every UNet block, in the order one step runs them."""
+    out = []
+    for half in UNET_HALVES:
+        if half not in fragments:
+            continue
+        for child in UNET_BLOCK_LISTS[half]:
+            module = getattr(fragments[half], child)
+            if isinstance(module, nn.ModuleList):
+                out += [(f"{half}.{child}.{i}", block) for i, block in enumerate(module)]
+            else:
+                out.append((f"{half}.{child}", module))
+    return out
 
-    def __init__(self, fragments: dict[str, nn.Module], device: torch.device, mode: str = "default"):
+
+def units_of(fragments: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """fragment -> its units."""
+    return {name: ([u for u, _ in unet_units({name: m})] if name in UNET_HALVES else [name])
+            for name, m in fragments.items()}
+
+
+class Offloader:
+    """Moves fragments and blocks to `device` on demand; counts host->device bytes moved and the
+    peak device memory of each phase (through `meter`)."""
+
+    def __init__(self, fragments: dict[str, nn.Module], device: torch.device, mode: str = "default",
+                 resident: tuple[str, ...] = (), meter=None, copy_on_host: bool = False):
         if mode not in RESIDENT:
             raise ValueError(f"unknown offload mode {mode!r}; choose one of {MODES}")
         self.fragments = fragments
         self.device = torch.device(device)
         self.mode = mode
-        self.on_device: set[str] = set()
+        self.meter = meter or NullMeter()
+        self.copy_on_host = copy_on_host  # move even when the device is the host (tests run every path)
+        self.units = units_of(fragments)
+        modules = {u: m for u, m in unet_units(fragments)}
+        modules.update({n: m for n, m in fragments.items() if n not in UNET_HALVES})
+        unknown = set(resident) - set(modules)
+        if unknown:
+            raise ValueError(f"unknown resident units {sorted(unknown)}")
+        self.resident = tuple(resident) if mode == "stream" else ()
+        self.on_device: set[str] = set()  # units
         self.bytes_moved = 0
+        self.peaks: dict[str, int] = {}  # phase -> peak device bytes (where the meter can tell)
+        self.phase_bytes: dict[str, int] = {}  # phase -> host->device bytes moved during it
         self._phase: str | None = None
-        # The host masters, captured once: fragment -> [(owner module, kind, name, cpu parameter/buffer)].
-        self._masters = {name: _tensors(module) for name, module in fragments.items()}
+        # The host masters, captured once: unit -> [(owner module, kind, name, cpu parameter/buffer)].
+        self._masters = {u: _tensors(m) for u, m in modules.items()}
+        self._prefetched: dict[str, tuple] = {}  # unit -> (event or None, [device copies])
+        self._order = [u for u, _ in unet_units(fragments)]
+        self._streamed = [u for u in self._order if u not in self.resident] if mode == "stream" else []
+        self._side = None
+        if self._streamed and self.offloading:
+            for u in self._streamed:
+                modules[u].register_forward_pre_hook(lambda mod, args, u=u: self._before_block(u))
+                modules[u].register_forward_hook(lambda mod, args, out, u=u: self._after_block(u))
+            if self.device.type == "cuda":
+                self._pin(self._streamed)
+                self._side = torch.cuda.Stream(self.device)
 
     @property
     def offloading(self) -> bool:
         """False when the compute device is the host itself: nothing ever moves."""
-        return self.device.type != "cpu"
+        return self.device.type != "cpu" or self.copy_on_host
 
-    def _load(self, name: str) -> None:
-        if name in self.on_device or not self.offloading:
-            return
-        for owner, kind, attr, master in self._masters[name]:
-            copy = master.to(self.device, non_blocking=True)
-            getattr(owner, kind)[attr] = nn.Parameter(copy, requires_grad=False) if kind == "_parameters" else copy
+    # ---- moving units ----------------------------------------------------------------------------
+    def _copies(self, unit: str) -> list[torch.Tensor]:
+        copies = []
+        for *_, master in self._masters[unit]:
+            copies.append(master.to(self.device, non_blocking=True, copy=True))  # meta->meta too
             self.bytes_moved += master.numel() * master.element_size()
-        self.on_device.add(name)
+        return copies
 
-    def _drop(self, name: str) -> None:
-        if name not in self.on_device:
+    def _load(self, unit: str) -> None:
+        if unit in self.on_device or not self.offloading:
             return
-        for owner, kind, attr, master in self._masters[name]:
-            getattr(owner, kind)[attr] = master  # the device copy is released, never copied back
-        self.on_device.discard(name)
+        event, copies = self._prefetched.pop(unit, (None, None))
+        if copies is None:
+            copies = self._copies(unit)
+        elif event is not None:  # the copy ran on the side stream: compute waits for it, not the host
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(event)
+            for c in copies:
+                c.record_stream(stream)  # freed only after the compute stream is done with it
+        for (owner, kind, attr, _), copy in zip(self._masters[unit], copies):
+            getattr(owner, kind)[attr] = nn.Parameter(copy, requires_grad=False) if kind == "_parameters" else copy
+        self.on_device.add(unit)
 
-    def _resident(self) -> tuple[str, ...]:
-        return RESIDENT[self.mode].get(self._phase, ()) if self._phase else ()
+    def _drop(self, unit: str) -> None:
+        if unit not in self.on_device:
+            return
+        for owner, kind, attr, master in self._masters[unit]:
+            getattr(owner, kind)[attr] = master  # the device copy is released, never copied back
+        self.on_device.discard(unit)
+
+    def _prefetch(self, unit: str) -> None:
+        if unit in self.on_device or unit in self._prefetched:
+            return
+        if self._side is None:  # meta: allocated now, as the CUDA copy would be; no side stream to use
+            self._prefetched[unit] = (None, self._copies(unit))
+            return
+        self._side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._side):
+            copies = self._copies(unit)
+            event = torch.cuda.Event()
+            event.record(self._side)
+        self._prefetched[unit] = (event, copies)
+
+    def _pin(self, units) -> None:
+        """Streamed weights live in pinned host memory, so their copies can overlap compute."""
+        for u in units:
+            pinned = []
+            for owner, kind, attr, master in self._masters[u]:
+                p = master.pin_memory()
+                p = nn.Parameter(p, requires_grad=False) if kind == "_parameters" else p
+                getattr(owner, kind)[attr] = p
+                pinned.append((owner, kind, attr, p))
+            self._masters[u] = pinned
+
+    # ---- streaming hooks -------------------------------------------------------------------------
+    def _before_block(self, unit: str) -> None:
+        if self._phase != "sample":
+            return
+        self._load(unit)
+        i = self._streamed.index(unit)
+        self._prefetch(self._streamed[(i + 1) % len(self._streamed)])  # the next block, while this one runs
+
+    def _after_block(self, unit: str) -> None:
+        if self._phase == "sample":
+            self._drop(unit)
+
+    # ---- phases and use --------------------------------------------------------------------------
+    def _resident_units(self) -> set[str]:
+        if not self._phase:
+            return set()
+        names = RESIDENT[self.mode][self._phase]
+        units = {u for n in names if n in self.units for u in self.units[n]}
+        if self._phase == "sample":
+            units |= set(self.resident)
+        return units
 
     @contextmanager
     def phase(self, phase: str):
-        """Keep this mode's resident fragments for `phase` on the device until the phase ends."""
+        """Keep this mode's resident units for `phase` on the device until the phase ends; record
+        the phase's peak device memory and the bytes it moved."""
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}")
         self._phase = phase
+        moved = self.bytes_moved
+        self.meter.phase_start()
         try:
-            for name in self._resident():
-                if name in self.fragments:
-                    self._load(name)
+            for unit in self._order + list(self.units):  # UNet blocks in run order, then the rest
+                if unit in self._resident_units():
+                    self._load(unit)
             yield self
         finally:
-            for name in list(self.on_device):
-                self._drop(name)
+            for unit in list(self.on_device):
+                self._drop(unit)
+            self._prefetched.clear()
+            peak = self.meter.phase_peak()
+            if peak is not None:
+                self.peaks[phase] = max(self.peaks.get(phase, 0), peak)
+            self.phase_bytes[phase] = self.phase_bytes.get(phase, 0) + self.bytes_moved - moved
             self._phase = None
 
     @contextmanager
     def use(self, name: str):
-        """The fragment `name`, on the device for the duration of the block."""
+        """The fragment `name`, on the device for the duration of the block (streamed UNet blocks
+        come and go inside it)."""
         if name not in self.fragments:
             raise KeyError(f"fragment {name!r} is not loaded")
-        self._load(name)
+        visiting = [u for u in self.units[name] if u not in self._streamed or self._phase != "sample"]
+        for u in visiting:
+            self._load(u)
         try:
             yield self.fragments[name]
         finally:
-            if name not in self._resident():
-                self._drop(name)
+            resident = self._resident_units()
+            for u in visiting:
+                if u not in resident:
+                    self._drop(u)
 
 
 def _tensors(module: nn.Module) -> list[tuple[nn.Module, str, str, torch.Tensor]]:

@@ -15,8 +15,11 @@ from .config import SDConfig
 from .fragments import TEXT_ENCODER, UNET_IN, UNET_OUT, VAE
 from .offload import Offloader
 from .prompts import parse_weighted
-from .samplers import SAMPLERS, EpsDenoiser, Schedule, make_plan
+from .samplers import SAMPLERS, EpsDenoiser, Schedule, make_plan, takes_noise
+from .tiling import decode_safe, decode_tiled
 from .tokenizer import get_tokenizer
+
+TILE = 64  # latent pixels per side of a decode tile (512 image pixels), overlapping by 16
 
 # Precision policy, in one place: which dtype the fragments' weights take on each device.
 # "autocast" means fp16 weights and torch.autocast on CUDA; everything else computes in fp32.
@@ -24,7 +27,8 @@ PRECISIONS = ("autocast", "full")
 
 
 def weight_dtype(device: torch.device, precision: str) -> torch.dtype:
-    return torch.float16 if precision == "autocast" and device.type == "cuda" else torch.float32
+    """fp16 for autocast on CUDA and on `meta` (which plans a CUDA run); fp32 otherwise."""
+    return torch.float16 if precision == "autocast" and device.type in ("cuda", "meta") else torch.float32
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -44,16 +48,24 @@ class SampleSettings:
     steps: int = 50
     scale: float = 7.5
     eta: float = 0.0
+    karras: bool = False  # Karras et al. 2022 sigmas (k-samplers only)
 
 
 class Pipeline:
-    def __init__(self, cfg: SDConfig, engine: Offloader, dtype: torch.dtype = torch.float32, unet_bs: int = 1):
+    def __init__(self, cfg: SDConfig, engine: Offloader, dtype: torch.dtype = torch.float32, unet_bs: int = 1,
+                 tile: bool = False):
         self.cfg = cfg
         self.engine = engine
         self.device = engine.device
         self.dtype = dtype
         self.unet_bs = max(1, int(unet_bs))
-        self.schedule = Schedule(cfg.linear_start, cfg.linear_end, cfg.timesteps)
+        self.tile = tile  # decode in overlapping tiles (tiling.py), for large images on little memory
+        self.redone_in_fp32 = 0  # images whose fp16 decode overflowed and was redone in fp32
+        self.schedule = self.schedule_of(cfg)
+
+    @staticmethod
+    def schedule_of(cfg: SDConfig) -> Schedule:
+        return Schedule(cfg.linear_start, cfg.linear_end, cfg.timesteps)
 
     def _autocast(self):
         if self.dtype == torch.float16 and self.device.type == "cuda":
@@ -80,6 +92,7 @@ class Pipeline:
     def eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Noise prediction for a batch, `unet_bs` rows at a time through each half in turn."""
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
+        context = context.to(self.dtype)  # what autocast would feed the fp16 projections; a no-op in fp32
         chunks = range(0, x.shape[0], self.unet_bs)
         with self._autocast():
             with self.engine.use(UNET_IN) as unet_in:
@@ -97,31 +110,41 @@ class Pipeline:
         if settings.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {settings.sampler!r}; choose one of {sorted(SAMPLERS)}")
         denoiser = EpsDenoiser(self.eps, self.schedule)
-        plan = make_plan(self.schedule, settings.sampler, settings.steps)
+        plan = make_plan(self.schedule, settings.sampler, settings.steps, karras=settings.karras)
         x = noise.to(self.device, torch.float32) * plan.init_scale
 
         def noise_sampler(sigma, sigma_next):
             return torch.cat([torch.randn((1, *noise.shape[1:]), generator=g) for g in generators]).to(self.device)
 
         extra = dict(cond=cond, uncond=uncond, scale=settings.scale)
-        kwargs = {"eta": settings.eta, "noise_sampler": noise_sampler} if settings.sampler == "ddim" else {}
+        kwargs = {"noise_sampler": noise_sampler} if takes_noise(settings.sampler) else {}
+        if settings.sampler == "ddim":
+            kwargs["eta"] = settings.eta
         with self.engine.phase("sample"):
             x = SAMPLERS[settings.sampler](denoiser, x, plan.sigmas, extra_args=extra, callback=callback, **kwargs)
         return plan.to_latent(x)
 
     # ---- VAE --------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in about [-1, 1], fp32, decoded one at a time."""
+        """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in about [-1, 1], fp32, decoded one at a
+        time, in tiles when `self.tile`; an fp16 decode that overflows is redone in fp32."""
         images = []
+        tile = TILE if self.tile else None
         with self.engine.phase("decode"), self.engine.use(VAE) as vae, self._autocast():
             for z in latents.split(1):
-                z = (z / self.cfg.scale_factor).to(self.device, self.dtype)
-                images.append(vae.decode(z).float())
+                z = (z / self.cfg.scale_factor).to(self.device)
+                if self.device.type == "meta":  # planning: no values to check for overflow
+                    image = vae.decode(z.to(self.dtype)) if tile is None else decode_tiled(vae, z.to(self.dtype), tile)
+                else:
+                    image, redone = decode_safe(vae, z, tile)
+                    self.redone_in_fp32 += redone
+                images.append(image.float())
         return torch.cat(images)
 
-    def txt2img(self, prompt: str, negative_prompt: str, seeds: list[int], height: int, width: int,
+    def txt2img_latents(self, prompt: str, negative_prompt: str, seeds: list[int], height: int, width: int,
                 settings: SampleSettings, fixed_noise: torch.Tensor | None = None, callback=None) -> torch.Tensor:
-        """Images (len(seeds), 3, H, W) in about [-1, 1] for one prompt; image i is seeded `seeds[i]`."""
+        """Latents (len(seeds), C, H/f, W/f) for one prompt, image i seeded `seeds[i]`; `decode` makes
+        them images."""
         f, c = self.cfg.downsample_factor, self.cfg.channels
         shape = (1, c, height // f, width // f)
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -131,5 +154,10 @@ class Pipeline:
         context = self.conditioning([prompt, negative_prompt])
         n = len(seeds)
         cond, uncond = context[:1].expand(n, -1, -1), context[1:].expand(n, -1, -1)
-        latents = self.sample(cond, uncond, noise, generators, settings, callback)
-        return self.decode(latents)
+        return self.sample(cond, uncond, noise, generators, settings, callback)
+
+    def txt2img(self, prompt: str, negative_prompt: str, seeds: list[int], height: int, width: int,
+                settings: SampleSettings, fixed_noise: torch.Tensor | None = None, callback=None) -> torch.Tensor:
+        """Images (len(seeds), 3, H, W) in about [-1, 1] for one prompt; image i is seeded `seeds[i]`."""
+        return self.decode(self.txt2img_latents(prompt, negative_prompt, seeds, height, width, settings,
+                                                fixed_noise, callback))

@@ -22,6 +22,12 @@ How a pipeline drives it:
                          extra_args=dict(cond=c, uncond=uc, scale=7.5), callback=cb, eta=0.0)
     latent = plan.to_latent(x)                    # then / LATENT_SCALE and the VAE decoder
 
+The k-diffusion samplers of `ksamplers.py` (euler, euler_a, heun, dpm2, dpm2_a, lms, dpmpp_2m,
+dpmpp_2s_a, dpmpp_sde) share the signature and are in `SAMPLERS` too. Their plan walks the
+model's own "discrete" sigmas (k-diffusion `get_sigmas`, diffusers' schedulers with
+timestep_spacing="linspace"), or Karras et al. 2022's (`make_plan(..., karras=True)`), down to 0,
+and starts, as k-diffusion, from x = noise * sigma_max.
+
 For DDIM and PLMS the plan reproduces CompVis `DDIMSampler`/`PLMSSampler` exactly:
 - the timesteps are CompVis' "uniform" ones, `range(0, 1000, 1000 // steps) + 1`; when `steps`
   does not divide 1000 this gives more steps than asked (30 -> 31), as the reference does;
@@ -33,11 +39,14 @@ For DDIM and PLMS the plan reproduces CompVis `DDIMSampler`/`PLMSSampler` exactl
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from .ksamplers import KSAMPLERS, ancestral_step, default_noise_sampler, karras_sigmas
 
 Denoiser = Callable[..., torch.Tensor]  # denoise(x, sigma, **extra_args) -> x0
 
@@ -78,6 +87,20 @@ class Schedule:
         """
         ts = self.ddim_timesteps(steps)
         return self.sigmas[list(reversed(ts)) + [0]].to(torch.float32)
+
+    def discrete_sigmas(self, steps: int) -> torch.Tensor:
+        """The k-samplers' schedule: sigmas of `steps` timesteps evenly spaced from T-1 down to 0
+        (fractional ones log-interpolated, `sigma_for_t`), then 0. float32 (steps + 1,).
+
+        k-diffusion's `DiscreteSchedule.get_sigmas`; diffusers' Euler/Heun/LMS/KDPM2 schedulers
+        with timestep_spacing="linspace" (which ignores steps_offset) give the same timesteps. SD v1's
+        "leading" spacing would start below T-1 (t = 901 for 10 steps) and make Karras' sigma_max
+        depend on the step count; "linspace" starts at the model's sigma_max, as k-diffusion.
+        """
+        if not 1 <= steps <= self.timesteps:
+            raise ValueError(f"steps must be in 1..{self.timesteps}, got {steps}")
+        t = torch.linspace(self.timesteps - 1, 0, steps, dtype=torch.float64)
+        return torch.cat([self.sigma_for_t(t), torch.zeros(1)])
 
     def sigma_for_t(self, t) -> torch.Tensor:
         """Sigma of a (possibly fractional) timestep; log-sigma is interpolated between integers
@@ -172,18 +195,6 @@ class EpsDenoiser:
 
 # --- samplers --------------------------------------------------------------------------------------
 
-def _default_noise(x):
-    return lambda sigma, sigma_next: torch.randn_like(x)
-
-
-def _ddim_sigma_up(sigma: float, sigma_next: float, eta: float) -> float:
-    """CompVis sigma_ddim of a step, rescaled to sigma space (see `sample_ddim`)."""
-    if eta == 0.0 or sigma_next == 0.0:
-        return 0.0
-    up = eta * sigma_next * math.sqrt(sigma ** 2 - sigma_next ** 2) / sigma
-    return min(up, sigma_next)  # eta > 1 would take CompVis' sqrt negative; clamp as k-diffusion
-
-
 @torch.no_grad()
 def sample_ddim(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args=None,
                 callback=None, eta: float = 0.0, noise_sampler=None) -> torch.Tensor:
@@ -198,10 +209,12 @@ def sample_ddim(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_
         sigma_down = sqrt(sigma_next^2 - sigma_up^2),
     i.e. exactly k-diffusion's ancestral step with eta; for eta = 0 it is Euler in sigma space.
     `noise_sampler(sigma, sigma_next)` returns z ~ N(0, I) shaped like x; it is called once per
-    step, and only when eta > 0.
+    step, and only when eta > 0 (default: `ksamplers.default_noise_sampler`, seeded 0 per call).
+    sigma_up is `ksamplers.ancestral_step`'s, clamped to sigma_next (eta > 1 would take CompVis'
+    sqrt negative).
     """
     extra_args = {} if extra_args is None else extra_args
-    noise_sampler = _default_noise(x) if noise_sampler is None else noise_sampler
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -209,8 +222,7 @@ def sample_ddim(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_
         if callback is not None:
             callback(dict(x=x, i=i, sigma=sigmas[i], denoised=denoised))
         eps = (x - denoised) / sigma
-        sigma_up = _ddim_sigma_up(sigma, sigma_next, eta)
-        sigma_down = math.sqrt(sigma_next ** 2 - sigma_up ** 2)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x = denoised + sigma_down * eps
         if sigma_up > 0:
             x = x + sigma_up * noise_sampler(sigmas[i], sigmas[i + 1])
@@ -262,7 +274,12 @@ def sample_plms(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": sample_ddim, "plms": sample_plms}
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": sample_ddim, "plms": sample_plms, **KSAMPLERS}
+
+
+def takes_noise(name: str) -> bool:
+    """Whether sampler `name` can draw fresh noise, i.e. takes a `noise_sampler` (ddim, ancestral, SDE)."""
+    return "noise_sampler" in inspect.signature(SAMPLERS[name]).parameters
 
 
 def sample(name: str, denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args=None,
@@ -292,15 +309,32 @@ class SamplingPlan:
         return x * self.final_scale
 
 
-def make_plan(schedule: Schedule, name: str, steps: int) -> SamplingPlan:
+def make_plan(schedule: Schedule, name: str, steps: int, karras: bool = False) -> SamplingPlan:
     """Sigmas and start/end scaling of sampler `name` for `steps` steps (txt2img).
 
     DDIM and PLMS walk CompVis' DDIM timesteps and start, as CompVis, at x_T = noise, so
     init_scale = sqrt(1 + sigma_max^2); they end at sigma(t=0), so final_scale = 1 / sqrt(1 +
-    sigma_min^2) (see the module docstring).
+    sigma_min^2) (see the module docstring). They have no Karras variant: karras=True is a
+    ValueError (CompVis' start and end points, and PLMS' equal steps in t, would not hold).
+
+    The k-samplers walk `schedule.discrete_sigmas(steps)`, or with karras=True Karras et al.
+    2022's sigmas between the model's sigma_min and sigma_max; both end at 0. They start, as
+    k-diffusion, at x = noise * sigma_max (init_scale = sigmas[0]) and end on the latent itself
+    (final_scale = 1).
     """
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    if name in KSAMPLERS:
+        if karras:
+            if not 1 <= steps <= schedule.timesteps:
+                raise ValueError(f"steps must be in 1..{schedule.timesteps}, got {steps}")
+            sigmas = karras_sigmas(float(schedule.sigmas[0]), float(schedule.sigmas[-1]), steps)
+        else:
+            sigmas = schedule.discrete_sigmas(steps)
+        return SamplingPlan(sigmas, float(sigmas[0]), 1.0)
+    if karras:
+        raise ValueError(f"karras sigmas are for the k-samplers ({', '.join(KSAMPLERS)}), not {name}, "
+                         "which walks CompVis' DDIM timesteps")
     sigmas = schedule.ddim_sigmas(steps)
     sigma_max = float(schedule.sigmas[schedule.ddim_timesteps(steps)[-1]])  # float64
     sigma_min = float(schedule.sigmas[0])

@@ -13,6 +13,7 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers import UNet2DConditionModel
@@ -173,3 +174,70 @@ def write_yaml_config(cfg: SDConfig, path: Path) -> Path:
 
     OmegaConf.save(OmegaConf.create(ldm_config(cfg)), str(path))
     return path
+
+
+# --- end to end: our Pipeline and diffusers' StableDiffusionPipeline on one random tiny checkpoint -----
+
+PROMPT, NEGATIVE = "a red fox sitting in the snow, oil painting", "blurry, low quality"
+MAX_DIFF = 2  # of 255, per pixel and channel
+
+
+def random_tiny_model(tmp_path_factory):
+    """A tiny model whose every weight is random (norm scales and biases too), as a real .ckpt:
+    (cfg, ckpt path, state dict, tokenizer workdir)."""
+    from optimizedSD.config import tiny_config
+
+    cfg = tiny_config()
+    torch.manual_seed(1)
+    frags = build_fragments(cfg)
+    for i, frag in enumerate(frags.values()):
+        randomize(frag, 100 + i)
+    state = {checkpoint_key(name, k): v for name, frag in frags.items() for k, v in frag.state_dict().items()}
+    path = tmp_path_factory.mktemp("e2e") / "tiny.ckpt"
+    torch.save({"state_dict": state}, path)
+    return cfg, path, state, tmp_path_factory.mktemp("tokenizer")
+
+
+def our_images(model, seeds, height, width, sampler, steps=10, scale=7.5, mode="default", unet_bs=1,
+               negative=NEGATIVE, karras=False) -> np.ndarray:
+    """Our Pipeline's 8-bit images (B, H, W, 3) as int16, image i seeded `seeds[i]`."""
+    from optimizedSD.checkpoint import load_fragments
+    from optimizedSD.images import to_pil
+    from optimizedSD.offload import Offloader
+    from optimizedSD.pipeline import Pipeline, SampleSettings
+
+    cfg, path, _, _ = model
+    fragments = load_fragments(path, cfg)
+    pipe = Pipeline(cfg, Offloader(fragments, torch.device("cpu"), mode=mode), unet_bs=unet_bs)
+    settings = SampleSettings(sampler, steps, scale, karras=karras)
+    x = pipe.txt2img(PROMPT, negative, seeds, height, width, settings)
+    return np.stack([np.asarray(im) for im in to_pil(x)]).astype(np.int16)
+
+
+def diffusers_images(model, seed, height, width, scheduler, steps=10, scale=7.5, negative=NEGATIVE,
+                     latent_scale=1.0, **call_kwargs) -> np.ndarray:
+    """diffusers' 8-bit image (1, H, W, 3) as int16 from the noise our Pipeline gives seed `seed`:
+    latents are the first draw of `torch.Generator("cpu").manual_seed(seed)` (times `latent_scale`),
+    and the same generator goes to the pipeline, so a scheduler that adds noise in its steps draws
+    what our per-image noise_sampler draws next."""
+    cfg, _, state, workdir = model
+    pipe = sd_pipeline(cfg, state, scheduler, workdir)
+    f = cfg.downsample_factor
+    generator = torch.Generator("cpu").manual_seed(seed)
+    latents = torch.randn((1, cfg.channels, height // f, width // f), generator=generator) * latent_scale
+    with torch.no_grad():
+        out = pipe(PROMPT, negative_prompt=negative, height=height, width=width, num_inference_steps=steps,
+                   guidance_scale=scale, latents=latents, generator=generator, output_type="np",
+                   **call_kwargs).images
+    return (out * 255).round().astype(np.int16)
+
+
+def assert_same_image(a, b, max_diff=MAX_DIFF):
+    """Equal 8-bit images within `max_diff` per pixel; returns the max difference."""
+    assert a.shape == b.shape
+    diff = np.abs(a - b)
+    # The comparison must be about real pixels: most of them unclamped, and images not flat.
+    assert ((b > 0) & (b < 255)).mean() > 0.5 and b.std() > 10
+    print(f"max diff {diff.max()}/255, mean {diff.mean():.4f}, unclamped {((b > 0) & (b < 255)).mean():.2f}")
+    assert diff.max() <= max_diff, f"max diff {diff.max()}/255, mean {diff.mean():.3f}"
+    return int(diff.max())

@@ -179,12 +179,49 @@ def test_out_of_memory_is_one_line(tiny_model, tmp_path, capsys, monkeypatch):
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("optimizedSD.pipeline.Pipeline.txt2img", oom)
-    code, _, err = run_cli(tiny_args(tiny_model, tmp_path / "out", "--prompt", "p"), capsys)
-    assert code == 1 and err.strip().splitlines()[-1] == (
-        "error: out of GPU memory at 64x64 with --n_samples 5; try --n_samples 1, --unet_bs 1, a smaller size, "
-        "or drop --turbo")
+    monkeypatch.setattr("optimizedSD.pipeline.Pipeline.txt2img_latents", oom)
+    code, _, err = run_cli(tiny_args(tiny_model, tmp_path / "out", "--prompt", "p", "--unet_bs", 2), capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and lines[-1] == ("error: out of GPU memory at 64x64, even with --unet_bs 1 and one image at "
+                                       "once; try --lowvram, a smaller --vram or a smaller size")
+    # first --unet_bs, then the images at once were halved, before giving up
+    retries = [line for line in lines if line.startswith("out of GPU memory while sampling")]
+    assert retries == ["out of GPU memory while sampling; retrying with --unet_bs 1",
+                       "out of GPU memory while sampling; retrying 2 image(s) at once",
+                       "out of GPU memory while sampling; retrying 1 image(s) at once"]
     assert os.listdir(tmp_path / "out") == []  # created (and proven writable) before sampling, left empty
+
+
+def test_out_of_memory_retries_give_the_same_images(tiny_model, tmp_path, capsys, monkeypatch):
+    """Sampling that fails above --unet_bs 1 or 2 images at once, and decoding that fails untiled,
+    are retried smaller; the images are those of a run that never ran out of memory."""
+    from optimizedSD.pipeline import Pipeline
+
+    args = tiny_args(tiny_model, tmp_path / "plain", "--prompt", "p", "--seed", 3, "--n_samples", 3, "--skip_grid")
+    assert run_cli(args, capsys)[0] == 0
+    sample, decode = Pipeline.txt2img_latents, Pipeline.decode
+
+    def tight_sample(self, prompt, negative, seeds, *a, **k):
+        if self.unet_bs > 1 or len(seeds) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return sample(self, prompt, negative, seeds, *a, **k)
+
+    def tight_decode(self, latents):
+        if not self.tile:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return decode(self, latents)
+
+    monkeypatch.setattr(Pipeline, "txt2img_latents", tight_sample)
+    monkeypatch.setattr(Pipeline, "decode", tight_decode)
+    args = tiny_args(tiny_model, tmp_path / "tight", "--prompt", "p", "--seed", 3, "--n_samples", 3, "--skip_grid",
+                     "--unet_bs", 2)
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "retrying with --unet_bs 1" in err and "retrying 1 image(s) at once" in err
+    assert "out of GPU memory while decoding; retrying with tiled VAE decode" in err
+    for i, s in enumerate((3, 4, 5)):
+        plain, tight = pixels(tmp_path / f"plain/p/seed_{s}_{i:05d}.png"), pixels(tmp_path / f"tight/p/seed_{s}_{i:05d}.png")
+        assert np.abs(plain.astype(int) - tight.astype(int)).max() <= 1
 
 
 def test_default_checkpoint_discovery(tmp_path, monkeypatch):

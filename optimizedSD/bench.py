@@ -1,0 +1,95 @@
+"""Benchmark memory modes and sizes: seconds per image and per step, peak device memory per phase,
+host->device bytes per step, host RAM peak. Each configuration is a full txt2img run (images are
+not saved).
+
+    python optimizedSD/bench.py --device meta --sizes 512 768 1024 2048          # planned, full-size model
+    python optimizedSD/bench.py --device cpu --config configs/tiny.yaml --ckpt t.ckpt --sizes 64
+    python optimizedSD/bench.py --device cuda --configs lowvram default vram=2G vram=4G turbo --json
+
+On `meta` no checkpoint is read and the figures are the planner's; on CPU nothing moves between
+devices, so only the timings mean something.
+"""
+import argparse
+import json
+import resource
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # import this folder as the package
+
+from optimizedSD.cli import UsageError, build_parser, txt2img  # noqa: E402
+
+CONFIGS = ("lowvram", "default", "vram=2G", "vram=4G", "turbo")
+
+
+def config_flags(name: str) -> list[str]:
+    if name in ("lowvram", "turbo"):
+        return [f"--{name}"]
+    if name == "default":
+        return []
+    if name.startswith("vram="):
+        return ["--vram", name[len("vram="):]]
+    raise UsageError(f"unknown configuration {name!r}; use lowvram, default, turbo or vram=SIZE")
+
+
+def host_ram_peak() -> int:
+    """Peak resident set of this process so far, in bytes (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), help=f"any of lowvram, default, turbo, vram=SIZE (default: {' '.join(CONFIGS)})")
+    p.add_argument("--sizes", nargs="+", type=int, default=[512], help="square image sizes in pixels")
+    p.add_argument("--device", default=None, help="cuda, cpu, mps, or meta to plan a CUDA run")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 1 on meta, else 20)")
+    p.add_argument("--n_samples", type=int, default=1)
+    p.add_argument("--ckpt", default=None)
+    p.add_argument("--config", default=None)
+    p.add_argument("--precision", default="autocast", choices=["autocast", "full"])
+    p.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of a table")
+    args = p.parse_args(argv)
+    steps = args.steps or (1 if args.device == "meta" else 20)
+    rows = []
+    with tempfile.TemporaryDirectory() as out:
+        for size in args.sizes:
+            for name in args.configs:
+                argv = ["--prompt", "a photograph of an astronaut riding a horse", "--H", str(size), "--W", str(size),
+                        "--n_samples", str(args.n_samples), "--ddim_steps", str(steps), "--sampler", "ddim",
+                        "--seed", "0", "--skip_save", "--skip_grid", "--outdir", out, "--precision", args.precision,
+                        *config_flags(name)]
+                for flag in ("device", "ckpt", "config"):
+                    if getattr(args, flag):
+                        argv += [f"--{flag}", getattr(args, flag)]
+                run = build_parser("bench", "").parse_args(argv)
+                run.json = True  # logs to stderr
+                try:
+                    figures = txt2img(run)
+                except UsageError as e:
+                    figures = {"error": str(e)}
+                rows.append(dict(config=name, size=size, host_ram_peak_bytes=host_ram_peak(), **figures))
+                if not args.json:
+                    print(format_row(rows[-1], first=len(rows) == 1), flush=True)
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
+def format_row(row: dict, first: bool) -> str:
+    gib = lambda n: f"{n / 2**30:.2f}" if n is not None else "-"  # noqa: E731
+    head = "| config | size | s/image | s/step | text GiB | sample GiB | decode GiB | H2D GiB/step | unet_bs | tiled | host RAM GiB |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+    if "error" in row:
+        line = f"| {row['config']} | {row['size']} | {row['error']} |"
+    else:
+        peaks = row["peak_bytes"]
+        line = (f"| {row['config']} | {row['size']}² | {row['seconds_per_image']:.2f} | {row['seconds_per_step']:.3f} | "
+                f"{gib(peaks.get('text'))} | {gib(peaks.get('sample'))} | {gib(peaks.get('decode'))} | "
+                f"{gib(row['host_to_device_bytes_per_step'])} | {row['unet_bs']} | {'yes' if row['tiled_decode'] else 'no'} | "
+                f"{gib(row['host_ram_peak_bytes'])} |")
+    return (head if first else "") + line
+
+
+if __name__ == "__main__":
+    sys.exit(main())

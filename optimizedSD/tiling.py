@@ -1,0 +1,185 @@
+"""Robust VAE decoding: overlapping latent tiles, an fp32 redo when fp16 overflows, and the decode
+memory model a planner uses to decide when to tile.
+
+All functions take the latent the VAE's `decode` takes (already divided by the latent scale),
+(B, z_channels, h, w); a tile's pixels are its latent pixels times the decoder's upsampling factor
+(8 for SD v1), which is read off the first decoded tile rather than assumed.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch.func import functional_call
+
+from .attention import AttentionPolicy, score_bytes
+from .config import VAEConfig
+
+
+# ---- tiled decode ---------------------------------------------------------------------------
+
+def _starts(n: int, tile: int, overlap: int) -> list[int]:
+    """Tile starts along an axis of `n` latent pixels: as few tiles as keep every overlap >= `overlap`,
+    spread evenly from 0 to n - tile (so the overlaps differ by at most one latent pixel)."""
+    if n <= tile:
+        return [0]
+    count = -(-(n - overlap) // (tile - overlap))  # ceil: tiles needed at stride tile - overlap
+    return [round(i * (n - tile) / (count - 1)) for i in range(count)]
+
+
+def _ramps(starts: list[int], size: int, f: int) -> list[torch.Tensor]:
+    """Per-tile 1-D blend weights in pixels, (size * f,) each: 1 inside, a linear ramp across the part
+    shared with each neighbour ((i + 0.5) / n up, its mirror down), nothing at the image border.
+    Where exactly two tiles meet the two ramps sum to 1."""
+    out = []
+    for i, s in enumerate(starts):
+        w = torch.ones(size * f)
+        if i > 0:
+            n = (starts[i - 1] + size - s) * f
+            w[:n] = torch.minimum(w[:n], (torch.arange(n) + 0.5) / n)
+        if i < len(starts) - 1:
+            n = (s + size - starts[i + 1]) * f
+            w[-n:] = torch.minimum(w[-n:], (n - 0.5 - torch.arange(n)) / n)
+        out.append(w)
+    return out
+
+
+def _tiled(decode, z: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tiled decode needs 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
+    h, w = z.shape[-2:]
+    ys, xs = _starts(h, tile, overlap), _starts(w, tile, overlap)
+    if len(ys) == len(xs) == 1:
+        return decode(z)
+    th, tw = min(tile, h), min(tile, w)
+    out = wy = wx = None
+    for i, y in enumerate(ys):
+        for j, x in enumerate(xs):
+            part = decode(z[..., y:y + th, x:x + tw])  # (B, 3, th * f, tw * f)
+            if out is None:
+                f = part.shape[-1] // tw
+                out = part.new_zeros((*part.shape[:2], h * f, w * f), dtype=torch.float32)
+                wy = [r.to(part.device) for r in _ramps(ys, th, f)]
+                wx = [r.to(part.device) for r in _ramps(xs, tw, f)]
+            out[..., y * f:(y + th) * f, x * f:(x + tw) * f] += part.float() * (wy[i][:, None] * wx[j])
+    # Normalise by the summed weights (1 wherever at most two tiles meet along each axis).
+    total_y = torch.zeros(h * f, device=out.device)
+    total_x = torch.zeros(w * f, device=out.device)
+    for y, r in zip(ys, wy):
+        total_y[y * f:(y + th) * f] += r
+    for x, r in zip(xs, wx):
+        total_x[x * f:(x + tw) * f] += r
+    return (out / (total_y[:, None] * total_x)).to(part.dtype)
+
+
+def decode_tiled(vae, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
+    """`vae.decode(z)` computed on overlapping (tile, tile) latent tiles, blended with linear ramps.
+
+    z: (B, C, h, w) latent -> (B, 3, h * f, w * f) in the decode's dtype. A latent that fits one tile
+    is decoded whole (identical to `vae.decode`). Otherwise tiles overlap by at least `overlap`
+    latent pixels and each pixel is the ramp-weighted mean of the tiles covering it. The result is
+    not bit-identical to an untiled decode: GroupNorm statistics and the mid-block attention see one
+    tile instead of the whole latent. Peak memory is one tile's decode plus the fp32 output.
+    """
+    return _tiled(vae.decode, z, tile, overlap)
+
+
+# ---- fp16 overflow ----------------------------------------------------------------------------
+
+def _autocast_off(device: torch.device):
+    return torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") else nullcontext()
+
+
+def decode_safe(vae, z: torch.Tensor, tile: int | None = None, overlap: int = 16) -> tuple[torch.Tensor, bool]:
+    """Decode in the VAE's weight dtype; if that yields NaN/inf (fp16 overflow), decode again in fp32.
+
+    Returns (image (B, 3, H, W), redone). The first pass casts z to the weights' dtype and runs under
+    whatever autocast the caller set up; tiles when `tile` is given (both passes). The fp32 redo
+    uses fp32 copies of the decoder's parameters passed through `torch.func.functional_call`
+    (`vae.forward` must be `decode`), from the caller's z in fp32 with autocast off: the module is
+    never converted, so the offload engine's parameter swaps and host masters stay intact. The
+    copies cost 4 bytes per decoder parameter for the duration of the redo.
+    """
+    def run(decode, latent):
+        return decode(latent) if tile is None else _tiled(decode, latent, tile, overlap)
+
+    dtype = next(vae.parameters()).dtype
+    image = run(vae.decode, z.to(dtype))
+    if torch.isfinite(image).all():
+        return image, False
+    # Everything `decode` reads: parameters and buffers outside the encoder, as fp32 copies.
+    tensors = {**dict(vae.named_parameters()), **dict(vae.named_buffers())}
+    fp32 = {name: t.float() for name, t in tensors.items()
+            if not name.startswith(("encoder.", "quant_conv.")) and t.is_floating_point()}
+    with _autocast_off(z.device):
+        image = run(lambda latent: functional_call(vae, fp32, (latent,)), z.float())
+    return image, True
+
+
+# ---- memory model -----------------------------------------------------------------------------
+
+def decode_peak_bytes(h: int, w: int, dtype: torch.dtype, cfg: VAEConfig = VAEConfig(),
+                      policy: AttentionPolicy = AttentionPolicy(), batch: int = 1, autocast: bool = False) -> int:
+    """Estimated peak bytes of activations alive at once while the decoder runs on a (batch, h, w) latent.
+
+    Pure (shapes only). Walks `vae.Decoder` as built from `cfg` and takes the largest live set, with
+    e = dtype bytes and P = batch * pixels at the stage's resolution:
+    - ResnetBlock(cin -> cout) with input x:  P * max(cin (e + 2a),  (x, norm1, silu1)
+      cin (e + a + k) + cout e,  cin e + cout (e + 2a),  cin e + cout (2e + a + k),  cin e + 3 cout e),
+      where a is the bytes of a GroupNorm output and of the SiLU after it (e, or 4 under CUDA
+      autocast, which runs group_norm in fp32) and k the fp16 copy autocast makes of that SiLU for
+      the next conv (0, or e);
+    - AttnBlock(c) (the mid block's; SD v1 has no others): max(P c (a + 5e) + scores, P c (a + 7e)):
+      x, norm, q, k, v and the output buffer while attention runs, where `scores` is
+      `score_bytes(policy, batch, 1, tokens, tokens, dtype, d=c)` with tokens = h * w; then the
+      output's reshaped copy, proj_out and the residual sum;
+    - Upsample(c) from P pixels: c e (P + 4P + 4P): input, nearest-upsampled copy, conv output;
+    - norm_out: c0 P (e + 2a);
+    plus what enclosing forwards still hold: z and post_quant_conv's output throughout, conv_in's
+    output during the mid block, a level's input while its later blocks run.
+    For SD v1 the maximum is up.0's first ResnetBlock at full resolution, where the 256-channel
+    upsampled input, its GroupNorm and its SiLU are alive together: 768 * H * W * e bytes
+    (B=1, 512x512, fp16: 384 MiB) -- unless a non-fused attention's (h*w)^2 score blocks are larger.
+    Excluded: weights, allocator rounding, O(chunk * d) attention temporaries and kernel
+    workspaces (cuDNN may add tens of MiB). Without autocast this matches an op-by-op trace of the
+    real decoder on `meta` to within 0.2% (tests/test_tiling.py); the autocast terms follow CUDA
+    autocast's op lists (group_norm in fp32) and have not been measured on a GPU.
+    """
+    e = dtype.itemsize
+    a = 4 if autocast else e
+    k = e if autocast else 0
+
+    def resnet(cin, cout, px):
+        return px * max(cin * (e + 2 * a), cin * (e + a + k) + cout * e, cin * e + cout * (e + 2 * a),
+                        cin * e + cout * (2 * e + a + k), cin * e + 3 * cout * e)
+
+    def attn(c, tokens):
+        px = batch * tokens
+        return max(px * c * (a + 5 * e) + score_bytes(policy, batch, 1, tokens, tokens, dtype, d=c),
+                   px * c * (a + 7 * e))
+
+    tokens, c = h * w, cfg.ch * cfg.ch_mult[-1]
+    px = batch * tokens
+    held = 2 * cfg.z_channels * px * e  # the caller's z and post_quant_conv's output
+    conv_in = c * px * e
+    peak = held + conv_in + resnet(c, c, px)  # mid: conv_in's output is Mid.forward's x throughout
+    peak = max(peak, held + conv_in + attn(c, tokens))  # attn's x is block_1's output
+    res = cfg.resolution // cfg.downsample_factor
+    for level in reversed(range(len(cfg.ch_mult))):
+        cout = cfg.ch * cfg.ch_mult[level]
+        level_in = c * px * e  # Decoder.forward holds the level's input while its blocks run
+        for i in range(cfg.num_res_blocks + 1):
+            peak = max(peak, held + (level_in if i else 0) + resnet(c, cout, px))
+            c = cout
+            if res in cfg.attn_resolutions:
+                peak = max(peak, held + level_in + attn(c, tokens))
+        if level != 0:
+            peak = max(peak, held + c * px * e * 9)  # upsample: input, 4x copy, 4x conv output
+            tokens, px, res = tokens * 4, px * 4, res * 2
+    return max(peak, held + c * px * (e + 2 * a))
+
+
+def needs_tiling(h: int, w: int, budget_bytes: int, dtype: torch.dtype, cfg: VAEConfig = VAEConfig(),
+                 policy: AttentionPolicy = AttentionPolicy(), autocast: bool = False) -> bool:
+    """True when an untiled decode of one (h, w) latent is estimated (`decode_peak_bytes`) over `budget_bytes`."""
+    return decode_peak_bytes(h, w, dtype, cfg, policy, 1, autocast) > budget_bytes

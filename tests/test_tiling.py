@@ -1,0 +1,222 @@
+"""Tiled VAE decode, the fp32 redo on fp16 overflow, and the decode memory model.
+
+Run with -s to print the tiled-vs-untiled figures of the tiny VAE.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from optimizedSD.attention import AttentionPolicy, get_policy, set_policy
+from optimizedSD.config import VAEConfig, tiny_config
+from optimizedSD.fragments import VAE
+from optimizedSD.tiling import decode_peak_bytes, decode_safe, decode_tiled, needs_tiling
+from optimizedSD.vae import AutoencoderKL
+from reference import tiny_fragments
+from test_attention import LiveBytes
+
+MiB = 2**20
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return tiny_fragments(tiny_config())[VAE]
+
+
+class PointwiseDecoder(nn.Module):
+    """A test double with no spatial coupling: a 1x1 conv, then each latent pixel becomes an 8x8 block.
+    Any partition-of-unity blend of its tiles reproduces the untiled output exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 3, 1)
+
+    def decode(self, z):
+        return F.interpolate(self.conv(z), scale_factor=8, mode="nearest")
+
+
+class TileMeanDecoder(nn.Module):
+    """A test double whose output is constant over a tile: the tile's latent mean, at 8x the size."""
+
+    def decode(self, z):
+        return z.mean().expand(z.shape[0], 3, z.shape[2] * 8, z.shape[3] * 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode_tiled
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("hw, tile", [((8, 8), 8), ((8, 6), 8), ((5, 7), 64)])
+def test_one_tile_is_the_untiled_decode(vae, hw, tile):
+    z = torch.randn(1, 4, *hw, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(decode_tiled(vae, z, tile=tile, overlap=2), vae.decode(z))
+
+
+@pytest.mark.parametrize("hw, tile, overlap", [((48, 40), 32, 8), ((37, 70), 16, 5), ((17, 9), 8, 3),
+                                               ((64, 64), 64, 16), ((130, 66), 64, 16), ((12, 40), 16, 4)])
+def test_tiles_of_a_pointwise_decoder_reassemble_exactly(hw, tile, overlap):
+    """Placement and blend weights: every pixel's weights sum to 1 and come from the tiles covering it."""
+    dec = PointwiseDecoder()
+    z = torch.randn(2, 4, *hw, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = dec.decode(z)
+        out = decode_tiled(dec, z, tile=tile, overlap=overlap)
+    assert out.shape == (2, 3, hw[0] * 8, hw[1] * 8) and out.dtype == ref.dtype
+    assert torch.allclose(out, ref, rtol=0, atol=1e-5)
+
+
+def test_blend_is_a_linear_ramp_across_the_overlap():
+    """Two tiles side by side (latent width 24, tile 16, overlap 8): the overlap is latent columns
+    8..15 = pixels 64..127. With a decoder that paints each tile its latent mean, the output is the
+    left tile's mean up to pixel 63, the right tile's from pixel 128, and a straight line between."""
+    z = torch.arange(24.0).expand(1, 4, 16, 24)  # latent value = column index
+    out = decode_tiled(TileMeanDecoder(), z, tile=16, overlap=8)[0, 0, 0]  # one pixel row
+    left, right = 7.5, 15.5  # means of columns 0..15 and 8..23
+    assert torch.all(out[:64] == left) and torch.all(out[128:] == right)
+    ramp = left + (right - left) * (torch.arange(64) + 0.5) / 64
+    assert torch.allclose(out[64:128], ramp, atol=1e-5)
+
+
+def test_tiled_vs_untiled_tiny_vae(vae):
+    """A 48x40 latent (384x320 pixels) in 32x32 tiles overlapping by 8 (2x2 tiles) vs one decode.
+
+    Tiles do not reproduce the untiled image exactly: each tile's GroupNorm statistics and its
+    mid-block attention see only that tile (and its inner edges see zero padding, which the ramps
+    weight down). Measured on this random tiny VAE with N(0, 1) latents, three seeds: max |diff|
+    0.41-0.44 against outputs of max |x| 3.3-4.3 and std 0.55; mean |diff| 0.032-0.035, while two
+    unrelated latents decode 0.59 apart on average. The bounds below (mean < 0.1 x that control,
+    max < 0.2 x the output's max) sit about 1.5x above the measurements, and far below what a
+    misplaced tile or a missing normalisation gives (errors of the order of the control).
+    """
+    g = torch.Generator().manual_seed(0)
+    z, other = torch.randn(1, 4, 48, 40, generator=g), torch.randn(1, 4, 48, 40, generator=g)
+    with torch.no_grad():
+        full, tiled, unrelated = vae.decode(z), decode_tiled(vae, z, tile=32, overlap=8), vae.decode(other)
+    diff = (tiled - full).abs()
+    control = (unrelated - full).abs().mean().item()
+    print(f"\ntiled (32/8) vs untiled, 48x40 latent: max |diff| {diff.max():.4f} mean |diff| {diff.mean():.4f}; "
+          f"output max |x| {full.abs().max():.4f} std {full.std():.4f}; unrelated-latent mean |diff| {control:.4f}")
+    assert diff.max() > 0  # really tiled
+    assert diff.mean() < 0.1 * control
+    assert diff.max() < 0.2 * full.abs().max()
+
+
+def test_tiled_rejects_bad_overlap(vae):
+    with pytest.raises(ValueError, match="overlap"):
+        decode_tiled(vae, torch.zeros(1, 4, 16, 16), tile=8, overlap=8)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode_safe
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def overflowing(vae):
+    """A float16 copy of the tiny VAE whose decoder conv_in is scaled by 1e5: its output (and every
+    residual after it) exceeds fp16's 65504, while GroupNorms bring fp32 activations back to O(1)."""
+    big = copy.deepcopy(vae)
+    with torch.no_grad():
+        big.decoder.conv_in.weight.mul_(1e5)
+    return big.half()
+
+
+def _snapshot(module):
+    return [(name, p, p.dtype, p.detach().clone()) for name, p in module.named_parameters()]
+
+
+def _assert_unchanged(module, snapshot):
+    now = list(module.named_parameters())
+    assert [n for n, _ in now] == [n for n, *_ in snapshot]
+    for (name, p), (_, p0, dtype, value) in zip(now, snapshot):
+        assert p is p0 and p.dtype == dtype and torch.equal(p, value), name
+
+
+@pytest.mark.parametrize("tile", [None, 4])
+def test_decode_safe_redoes_fp16_overflow_in_fp32(overflowing, tile):
+    z = torch.randn(1, 4, 7, 6, generator=torch.Generator().manual_seed(2))
+    snapshot = _snapshot(overflowing)
+    with torch.no_grad():
+        assert not torch.isfinite(overflowing.decode(z.half())).all()  # the premise: fp16 overflows
+        image, redone = decode_safe(overflowing, z, tile=tile, overlap=1)
+        # Independent fp32 decode: a converted copy of the same (fp16-rounded) weights.
+        fp32 = copy.deepcopy(overflowing).float()
+        ref = fp32.decode(z) if tile is None else decode_tiled(fp32, z, tile=tile, overlap=1)
+    assert redone and image.dtype == torch.float32 and torch.isfinite(image).all()
+    assert torch.allclose(image, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    _assert_unchanged(overflowing, snapshot)
+
+
+def test_decode_safe_keeps_a_finite_decode(vae):
+    z = torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(3))
+    snapshot = _snapshot(vae)
+    with torch.no_grad():
+        image, redone = decode_safe(vae, z)
+        assert not redone and torch.equal(image, vae.decode(z))
+    _assert_unchanged(vae, snapshot)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode_peak_bytes / needs_tiling
+# ---------------------------------------------------------------------------------------------
+
+def _traced_peak(cfg: VAEConfig, h: int, w: int, dtype: torch.dtype, policy: AttentionPolicy, batch: int = 1) -> int:
+    """Peak live bytes of the real decoder on `meta` (no compute), traced op by op."""
+    previous = get_policy()
+    set_policy(policy)
+    try:
+        with torch.device("meta"):
+            model = AutoencoderKL(cfg).to(dtype).eval().requires_grad_(False)
+            z = torch.empty(batch, cfg.embed_dim, h, w, dtype=dtype)
+        with torch.no_grad(), LiveBytes() as live:
+            model.decode(z)
+        return live.peak
+    finally:
+        set_policy(previous)
+
+
+@pytest.mark.parametrize("cfg, hw, dtype, policy, batch", [
+    (VAEConfig(), (64, 64), torch.float16, AttentionPolicy("chunked", chunk_size=512), 1),      # SD v1 512x512
+    (VAEConfig(), (96, 40), torch.float32, AttentionPolicy("sliced"), 2),
+    (tiny_config().vae, (128, 128), torch.float32, AttentionPolicy("sliced"), 1),  # attention dominates
+    (replace(tiny_config().vae, ch_mult=(1, 2, 4), num_res_blocks=2, attn_resolutions=(64,)), (32, 24),
+     torch.float32, AttentionPolicy("chunked", chunk_size=333), 1),                # attention inside a level
+])
+def test_decode_peak_bytes_matches_a_meta_trace(cfg, hw, dtype, policy, batch):
+    est = decode_peak_bytes(*hw, dtype, cfg, policy, batch)
+    traced = _traced_peak(cfg, *hw, dtype, policy, batch)
+    # The estimate also counts the caller's z, which the trace does not see: within 0.2%, never under.
+    assert traced <= est <= 1.002 * traced, (est, traced)
+
+
+def test_decode_peak_bytes_hand_computed():
+    # SD v1 at 512x512, fp16: up.0's first ResnetBlock holds its 256-channel input, GroupNorm and
+    # SiLU at full resolution: 768 x 512 x 512 x 2 bytes = 384 MiB, plus 8 bytes per latent pixel
+    # for z and post_quant_conv's output.
+    assert decode_peak_bytes(64, 64, torch.float16) == 768 * 512 * 512 * 2 + 2 * 4 * 64 * 64 * 2
+    # CUDA autocast: GroupNorm and SiLU outputs in fp32 (a = 4): 256 x (2 + 2 x 4) = 2560 bytes/pixel.
+    assert decode_peak_bytes(64, 64, torch.float16, autocast=True) == 2560 * 512 * 512 + 2 * 4 * 64 * 64 * 2
+    # Sliced attention at a 128x128 latent: one (16384, 16384) fp16 block is 512 MiB, two 1 GiB,
+    # beside 768 x 1024 x 1024 x 2 = 1.5 GiB at full resolution: still the resnet.
+    big = decode_peak_bytes(128, 128, torch.float16, policy=AttentionPolicy("sliced"))
+    assert big == 768 * 1024 * 1024 * 2 + 2 * 4 * 128 * 128 * 2
+    # ... at 192x192 the two score blocks (2 x 36864^2 x 2 bytes = 5.06 GiB) beat the resnet's
+    # 768 x 1536^2 x 2 = 3.4 GiB; around them: x, norm, q, k, v and the output buffer at 512 channels.
+    n = 192 * 192
+    held = 2 * 4 * n * 2 + 512 * n * 2  # z, post_quant_conv, conv_in's output
+    attn = 512 * n * (2 + 5 * 2) + 2 * n * n * 2  # x, norm, q, k, v, output buffer + two score blocks
+    assert decode_peak_bytes(192, 192, torch.float16, policy=AttentionPolicy("sliced")) == held + attn
+
+
+def test_needs_tiling():
+    fp16 = torch.float16
+    assert not needs_tiling(64, 64, 400 * MiB, fp16)  # 384 MiB
+    assert needs_tiling(64, 64, 380 * MiB, fp16)
+    assert needs_tiling(128, 128, 1024 * MiB, fp16)  # 1.5 GiB
+    assert not needs_tiling(128, 128, 2048 * MiB, fp16)
+    assert needs_tiling(64, 64, 500 * MiB, fp16, autocast=True)  # 640 MiB
