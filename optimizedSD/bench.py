@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # import this folder as the package
 
-from optimizedSD.cli import UsageError, build_parser, txt2img  # noqa: E402
+from optimizedSD.cli import UsageError, build_parser, generate  # noqa: E402
 
 CONFIGS = ("lowvram", "default", "vram=2G", "vram=4G", "turbo")
 
@@ -63,10 +63,10 @@ def main(argv=None) -> int:
                 for flag in ("device", "ckpt", "config"):
                     if getattr(args, flag):
                         argv += [f"--{flag}", getattr(args, flag)]
-                run = build_parser("bench", "").parse_args(argv)
+                run = build_parser("txt2img").parse_args(argv)
                 run.json = True  # logs to stderr
                 try:
-                    figures = txt2img(run)
+                    figures = generate(run)
                 except UsageError as e:
                     figures = {"error": str(e)}
                 rows.append(dict(config=name, size=size, host_ram_peak_bytes=host_ram_peak(), **figures))

@@ -9,8 +9,8 @@ so host RAM holds one copy of the weights:
   key by key from a file mapping. A tensor already in the requested dtype is assigned as is: it
   stays backed by the mapping and its pages load on first use. Others are converted one at a time;
   the source pages they touched are clean page cache the kernel can drop.
-- Keys the requested fragments do not need (the EMA copy, the VAE encoder for txt2img) are never
-  read. Only a legacy non-zip .ckpt is read into RAM whole.
+- Keys the requested fragments do not need (the EMA copy without --ema, the UNet's own weights
+  with it) are never read. Only a legacy non-zip .ckpt is read into RAM whole.
 """
 from __future__ import annotations
 

@@ -34,15 +34,41 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
-def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+# What each script makes: its name, description, output folder and default --strength.
+KINDS = {
+    "txt2img": ("optimized_txt2img.py", "Text to image with Stable Diffusion v1 in four fragments, on little VRAM.",
+                "outputs/txt2img-samples", None),
+    "img2img": ("optimized_img2img.py", "Image to image (SDEdit) with Stable Diffusion v1 in four fragments, "
+                "on little VRAM.", "outputs/img2img-samples", 0.75),
+    "inpaint": ("optimized_inpaint.py", "Inpainting with Stable Diffusion v1 (plain or 9-channel inpainting "
+                "checkpoints) in four fragments, on little VRAM.", "outputs/inpaint-samples", 1.0),
+}
+
+
+def build_parser(kind: str = "txt2img") -> argparse.ArgumentParser:
+    prog, description, outdir, strength = KINDS[kind]
     p = Parser(prog=prog, description=description)
+    p.set_defaults(kind=kind)
     a = p.add_argument
+    if kind != "txt2img":
+        a("--init-img", dest="init_img", type=str, required=True,
+          help="the image to start from (png, jpg, webp, ...); transparency is composited on white")
+    if kind == "inpaint":
+        a("--mask", type=str, required=True,
+          help="what to repaint: white (gray >= 128) is repainted, black kept; any image mode, resized to the image")
+    if kind != "txt2img":
+        a("--strength", type=float, default=strength,
+          help="in (0, 1]: how much of the sampling runs, i.e. how far from the image the result may go "
+               f"(1 = from pure noise; default {strength})")
     a("--prompt", type=str, default="a painting of a virus monster playing guitar",
       help="what to draw; weighted sub-prompts allowed: 'a tabby cat:0.25 a white duck:0.75'")
     a("--negative_prompt", type=str, default="", help="what to steer away from (weights allowed too)")
+    a("--long_prompts", action="store_true",
+      help="encode prompts longer than 75 tokens whole, in 75-token chunks encoded separately and concatenated "
+           "(as AUTOMATIC1111's webui); default: cut at 75 tokens with a warning, as the reference pipeline")
     a("--from-file", dest="from_file", type=str, default=None,
       help="read prompts from this file, one per line (blank lines skipped); overrides --prompt")
-    a("--outdir", type=str, default="outputs/txt2img-samples",
+    a("--outdir", type=str, default=outdir,
       help="images go to OUTDIR/<prompt>/seed_<seed>_<NNNNN>.<format>; existing files are never overwritten")
     a("--skip_grid", action="store_true", help="do not save a grid of each prompt's images")
     a("--skip_save", action="store_true", help="do not save the individual images (only the grid)")
@@ -57,8 +83,10 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     a("--n_samples", type=int, default=5, help="images generated at once (one batch)")
     a("--n_iter", type=int, default=1, help="batches per prompt")
     a("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
-    a("--H", type=int, default=512, help="image height in pixels, a multiple of 8")
-    a("--W", type=int, default=512, help="image width in pixels, a multiple of 8")
+    size_default = 512 if kind == "txt2img" else None
+    size_help = "" if kind == "txt2img" else " (default: the init image's, rounded down to a multiple of 8)"
+    a("--H", type=int, default=size_default, help="image height in pixels, a multiple of 8" + size_help)
+    a("--W", type=int, default=size_default, help="image width in pixels, a multiple of 8" + size_help)
     a("--C", type=int, default=4, help="latent channels (must match the model: 4 for SD v1)")
     a("--f", type=int, default=8, help="downsampling factor (must match the model: 8 for SD v1)")
     a("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i (default: random)")
@@ -152,6 +180,42 @@ def check_outdir(outdir: str) -> None:
         raise UsageError(f"output directory {probe} is not writable; choose another --outdir")
 
 
+def read_inputs(args, f: int, log) -> dict:
+    """img2img/inpaint: the init image (and mask) at the run's size, read and checked up front;
+    --H/--W default to the image's size rounded down to a multiple of 8. {} for txt2img."""
+    if args.kind == "txt2img":
+        return {}
+    from .inputs import InputError, default_size, load_mask, open_image, resized, to_rgb
+
+    if not 0 < args.strength <= 1:
+        raise UsageError(f"--strength must be in (0, 1] (1 = from pure noise), got {args.strength}")
+    try:
+        image = to_rgb(open_image(args.init_img, "init image"))
+        w, h = default_size(image, f)
+        args.W, args.H = (w if args.W is None else args.W), (h if args.H is None else args.H)
+        check_size(args, f)
+        if (args.W, args.H) != image.size:
+            log(f"note: init image {image.size[0]}x{image.size[1]} resized to {args.W}x{args.H} (Lanczos)")
+            image = resized(image, (args.W, args.H))
+        inputs = {"image": image}
+        if args.kind == "inpaint":
+            inputs["mask"], was_resized = load_mask(args.mask, image.size)
+            if was_resized:
+                log(f"note: mask resized to the image's {image.size[0]}x{image.size[1]}")
+    except InputError as e:
+        raise UsageError(str(e)) from None
+    return inputs
+
+
+def check_size(args, f: int) -> None:
+    """--H and --W (None: not known yet, taken from the init image later) are positive multiples of f."""
+    for name in ("H", "W"):
+        v = getattr(args, name)
+        if v is not None and (v <= 0 or v % f):
+            lo, hi = max(f, v // f * f), (v // f + 1) * f
+            raise UsageError(f"--{name} {v} is not a positive multiple of {f}; try {lo} or {hi}")
+
+
 def validate(args, cfg: SDConfig) -> None:
     if args.plms:
         args.sampler = "plms"
@@ -160,11 +224,7 @@ def validate(args, cfg: SDConfig) -> None:
         raise UsageError(f"--f {args.f} does not match the model's downsampling factor {f}")
     if args.C != cfg.channels:
         raise UsageError(f"--C {args.C} does not match the model's {cfg.channels} latent channels")
-    for name in ("H", "W"):
-        v = getattr(args, name)
-        if v <= 0 or v % f:
-            lo, hi = max(f, v // f * f), (v // f + 1) * f
-            raise UsageError(f"--{name} {v} is not a positive multiple of {f}; try {lo} or {hi}")
+    check_size(args, f)
     for name in ("ddim_steps", "n_samples", "n_iter", "unet_bs"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -214,8 +274,8 @@ def load_config(path: str | None) -> SDConfig:
 
 
 # ---- the run --------------------------------------------------------------------------------
-def run_txt2img(args) -> int:
-    figures = txt2img(args)
+def run(args) -> int:
+    figures = generate(args)
     if args.json:
         import json
 
@@ -223,8 +283,9 @@ def run_txt2img(args) -> int:
     return 0
 
 
-def txt2img(args) -> dict:
-    """The whole txt2img run of parsed `args`; returns its figures (time, memory per phase)."""
+def generate(args) -> dict:
+    """The whole run of parsed `args` (txt2img, img2img or inpaint: `args.kind`); returns its figures
+    (time, memory per phase)."""
     from contextlib import nullcontext
 
     from tqdm import tqdm
@@ -233,33 +294,48 @@ def txt2img(args) -> dict:
     from .checkpoint import empty_fragments, load_fragments
     from .fragments import FRAGMENTS
     from .images import ImageWriter, ensure_writable, file_hash, to_pil
+    from .inputs import image_tensor, mask_tensor, paste_back
     from .memory import MetaMeter, meter_for
     from .offload import Offloader, unet_units
     from .pipeline import Pipeline, SampleSettings, weight_dtype
     from .planner import PlanError, choose_plan, describe
+    from .samplers import strength_steps
     from .tokenizer import VocabNotFoundError, get_tokenizer
 
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
+    kind = args.kind
     cfg = load_config(args.config)
     validate(args, cfg)
     prompts = read_prompts(args)
+    inputs = read_inputs(args, cfg.downsample_factor, log)
     device = resolve_device(args.device)
     planning = device.type == "meta"  # shape-only: a CUDA run planned, nothing read or written
     ckpt = None if planning else find_checkpoint(args.ckpt)
+    if kind == "inpaint" and ckpt is not None:
+        cfg = inpainting_config(cfg, ckpt)
     if not planning:
         check_outdir(args.outdir)
     try:
         get_tokenizer()  # a missing CLIP vocabulary is an install problem, found before any output
     except VocabNotFoundError as e:
         raise UsageError(str(e)) from None
+    settings = SampleSettings(sampler=args.sampler, steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta,
+                              karras=args.karras)
+    steps = make_plan(Pipeline.schedule_of(cfg), settings.sampler, settings.steps, karras=settings.karras).steps
+    if kind != "txt2img":
+        walked = strength_steps(steps, args.strength)
+        if walked == 0:
+            raise UsageError(f"--strength {args.strength} of {steps} steps runs no sampling step; raise --strength "
+                             f"to at least {1 / steps:.3g} or use more --ddim_steps")
+        steps = walked
     seed = args.seed if args.seed is not None else random.randrange(2 ** 32)
     dtype = weight_dtype(device, args.precision)
     try:
         plan = choose_plan(cfg, dtype, turbo=args.turbo, lowvram=args.lowvram, vram=getattr(args, "vram_bytes", None),
                            unet_bs=args.unet_bs, height=args.H, width=args.W, n_samples=args.n_samples,
-                           guided=args.scale != 1.0)
+                           guided=args.scale != 1.0, encode=kind != "txt2img")
     except PlanError as e:
         raise UsageError(str(e)) from None
-    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     log(f"device: {device}; seed: {seed}; checkpoint: {ckpt or 'none (planning)'}")
 
     if planning:
@@ -267,18 +343,33 @@ def txt2img(args) -> dict:
     else:
         fragments = load_fragments(ckpt, cfg, names=FRAGMENTS, dtype=dtype, ema=args.ema)
     log(describe(plan, len(unet_units(fragments))))
-    settings = SampleSettings(sampler=args.sampler, steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta,
-                              karras=args.karras)
-    steps = make_plan(Pipeline.schedule_of(cfg), settings.sampler, settings.steps, karras=settings.karras).steps
     if not planning:
         ensure_writable(args.outdir)
         meta = dict(negative_prompt=args.negative_prompt, steps=args.ddim_steps,
                     sampler=args.sampler + (" karras" if args.karras else ""),
                     scale=args.scale, checkpoint=ckpt.name, checkpoint_hash=file_hash(ckpt))
+        if args.long_prompts:
+            meta.update(long_prompts=True)
+        if kind != "txt2img":
+            meta.update(init_image=Path(args.init_img).name, strength=args.strength)
+        if kind == "inpaint":
+            meta.update(mask=Path(args.mask).name)
     f = cfg.downsample_factor
     fixed = None
     if args.fixed_code:
         fixed = torch.randn((1, cfg.channels, args.H // f, args.W // f), generator=torch.Generator("cpu").manual_seed(seed))
+    image = image_tensor(inputs["image"]) if inputs else None
+    mask = mask_tensor(inputs["mask"]) if kind == "inpaint" else None
+
+    def latents_of(pipe, prompt, chunk, callback):
+        if kind == "txt2img":
+            return pipe.txt2img_latents(prompt, args.negative_prompt, chunk, args.H, args.W, settings,
+                                        fixed_noise=fixed, callback=callback)
+        if kind == "img2img":
+            return pipe.img2img_latents(prompt, args.negative_prompt, chunk, image, settings, args.strength,
+                                        fixed_noise=fixed, callback=callback)
+        return pipe.inpaint_latents(prompt, args.negative_prompt, chunk, image, mask, settings, args.strength,
+                                    fixed_noise=fixed, callback=callback)
 
     meter = MetaMeter() if planning else meter_for(device)
     start, written, index, dirs, sampled_steps, sample_seconds = time.perf_counter(), 0, 0, [], 0, 0.0
@@ -286,6 +377,7 @@ def txt2img(args) -> dict:
     with using_policy(policy), meter if planning else nullcontext():
         engine = Offloader(fragments, device, plan.mode, plan.resident, meter=meter)
         pipe = Pipeline(cfg, engine, dtype=dtype, unet_bs=plan.unet_bs, tile=plan.tile)
+        pipe.long_prompts = args.long_prompts
         batch_size = plan.batch or args.n_samples
         for prompt in prompts:
             writer = None if planning else ImageWriter(args.outdir, prompt, fmt=args.format, metadata=meta)
@@ -300,9 +392,7 @@ def txt2img(args) -> dict:
                         with tqdm(total=steps, desc=f"sampling seeds {chunk[0]}-{chunk[-1]}", leave=False,
                                   disable=planning) as bar:
                             t0 = time.perf_counter()
-                            latents = pipe.txt2img_latents(prompt, args.negative_prompt, chunk, args.H, args.W,
-                                                           settings, fixed_noise=fixed,
-                                                           callback=lambda _: bar.update(1))
+                            latents = latents_of(pipe, prompt, chunk, lambda _: bar.update(1))
                             sample_seconds += time.perf_counter() - t0
                     except torch.cuda.OutOfMemoryError:
                         batch_size = _smaller(pipe, batch_size, len(chunk))
@@ -313,6 +403,8 @@ def txt2img(args) -> dict:
                     if planning:
                         continue
                     batch = to_pil(x)
+                    if kind == "inpaint":  # the unmasked pixels are the init image's, exactly
+                        batch = [paste_back(im, inputs["image"], inputs["mask"]) for im in batch]
                     images += batch
                     if not args.skip_save:
                         for s, im in zip(chunk, batch):
@@ -326,9 +418,9 @@ def txt2img(args) -> dict:
     total = len(prompts) * args.n_iter * args.n_samples
     figures = dict(device=str(device), width=args.W, height=args.H, images=total, seconds=round(seconds, 3),
                    seconds_per_image=round(seconds / total, 3),
-                   seconds_per_step=round(sample_seconds / max(1, sampled_steps), 4), mode=plan.mode, resident_blocks=len(plan.resident),
-                   unet_bs=pipe.unet_bs, images_at_once=batch_size, tiled_decode=pipe.tile,
-                   peak_bytes={k: v for k, v in engine.peaks.items()},
+                   seconds_per_step=round(sample_seconds / max(1, sampled_steps), 4), mode=plan.mode,
+                   resident_blocks=len(plan.resident), unet_bs=pipe.unet_bs, images_at_once=batch_size,
+                   tiled_decode=pipe.tile, peak_bytes={k: v for k, v in engine.peaks.items()},
                    host_to_device_bytes_per_step=engine.phase_bytes.get("sample", 0) // max(1, sampled_steps),
                    fp16_decodes_redone_in_fp32=pipe.redone_in_fp32)
     if pipe.redone_in_fp32:
@@ -339,6 +431,17 @@ def txt2img(args) -> dict:
         log(f"wrote {written} images{'' if args.skip_grid else ' and ' + str(len(prompts)) + ' grid(s)'} to {where} "
             f"in {seconds:.1f} s ({seconds / total:.2f} s/image)")
     return figures
+
+
+def inpainting_config(cfg: SDConfig, ckpt: Path) -> SDConfig:
+    """`cfg` with a 9-channel UNet when `ckpt` is an inpainting checkpoint (sd-v1-5-inpainting)."""
+    from dataclasses import replace
+
+    from .checkpoint import checkpoint_shapes, detect_family
+
+    if detect_family(checkpoint_shapes(ckpt)) == "sd-v1-inpainting":
+        return replace(cfg, unet=replace(cfg.unet, in_channels=2 * cfg.channels + 1))
+    return cfg
 
 
 def _memory_line(figures: dict, planning: bool) -> str:
@@ -382,9 +485,8 @@ def _decode_retrying(pipe, latents):
         return pipe.decode(latents)
 
 
-def main(run, argv=None, prog: str = "optimized_txt2img.py",
-         description: str = "Text to image with Stable Diffusion v1 in four fragments, on little VRAM.") -> int:
-    args = build_parser(prog, description).parse_args(argv)
+def main(argv=None, kind: str = "txt2img") -> int:
+    args = build_parser(kind).parse_args(argv)
     from .checkpoint import CheckpointError
     from .images import OutputError
 

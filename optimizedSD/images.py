@@ -40,7 +40,7 @@ _GRID_RE = re.compile(r"^grid_(\d+)\.[^.]+$")
 _FORMATS = {"png": "png", "jpg": "jpg", "jpeg": "jpg"}
 # PNG text keys written first, in this order; other metadata keys follow in the caller's order.
 _KNOWN_KEYS = ("prompt", "negative_prompt", "seed", "sampler", "steps", "scale", "size",
-               "checkpoint", "checkpoint_hash")
+               "checkpoint", "checkpoint_hash", "strength")
 
 
 class OutputError(Exception):
@@ -160,7 +160,7 @@ def parameters_text(meta: dict) -> str:
     fields = [("Steps", meta.get("steps")), ("Sampler", meta.get("sampler")),
               ("CFG scale", meta.get("scale")), ("Seed", meta.get("seed")),
               ("Size", meta.get("size")), ("Model", Path(str(ckpt)).stem if ckpt else None),
-              ("Model hash", meta.get("checkpoint_hash"))]
+              ("Model hash", meta.get("checkpoint_hash")), ("Denoising strength", meta.get("strength"))]
     fields += [(k, v) for k, v in meta.items() if k not in _KNOWN_KEYS]
     kv = ", ".join(f"{k}: {_fmt_value(v)}" for k, v in fields if v is not None and v != "")
     if kv:

@@ -4,9 +4,10 @@ The CPU copy of every weight is the master. Putting a unit on the device swaps e
 buffer for a device copy; taking it off puts the CPU master back and lets the device copy be
 freed, so weights never travel device -> host. Model code never calls `.to(device)`.
 
-Units: the text encoder and the VAE are one unit each; each UNet half is split into its blocks
-(`unet_in.time_embed`, `unet_in.input_blocks.0` ... `unet_in.middle_block`, `unet_out.output_blocks.0`
-... `unet_out.out`), in the order they run.
+Units: the text encoder is one unit; the VAE is two, `vae.encoder` (encoder and quant_conv: only
+img2img and inpainting use it) and `vae.decoder` (post_quant_conv and decoder); each UNet half is
+split into its blocks (`unet_in.time_embed`, `unet_in.input_blocks.0` ... `unet_in.middle_block`,
+`unet_out.output_blocks.0` ... `unet_out.out`), in the order they run.
 
 Modes (which units stay on the device during a phase is data: `RESIDENT[mode][phase]`):
 - "default": the four fragments, one on the device at a time; each UNet half visits the device
@@ -29,14 +30,17 @@ from .memory import NullMeter
 
 PHASES = ("text", "sample", "decode", "encode")
 UNET_HALVES = (UNET_IN, UNET_OUT)
+# The VAE's two units and the children each moves.
+VAE_ENCODER, VAE_DECODER = f"{VAE}.encoder", f"{VAE}.decoder"
+VAE_UNITS = {VAE_ENCODER: ("encoder", "quant_conv"), VAE_DECODER: ("post_quant_conv", "decoder")}
 # The children of each UNet half that are streamed as one block, in the order they run.
 UNET_BLOCK_LISTS = {UNET_IN: ("time_embed", "input_blocks", "middle_block"), UNET_OUT: ("output_blocks", "out")}
 
 # mode -> phase -> fragments kept on the device for the whole phase ("stream" adds its `resident` units).
 RESIDENT = {
-    "default": {"text": (TEXT_ENCODER,), "sample": (), "decode": (VAE,), "encode": (VAE,)},
-    "turbo": {"text": (TEXT_ENCODER,), "sample": UNET_HALVES, "decode": (VAE,), "encode": (VAE,)},
-    "stream": {"text": (TEXT_ENCODER,), "sample": (), "decode": (VAE,), "encode": (VAE,)},
+    "default": {"text": (TEXT_ENCODER,), "sample": (), "decode": (VAE_DECODER,), "encode": (VAE_ENCODER,)},
+    "turbo": {"text": (TEXT_ENCODER,), "sample": UNET_HALVES, "decode": (VAE_DECODER,), "encode": (VAE_ENCODER,)},
+    "stream": {"text": (TEXT_ENCODER,), "sample": (), "decode": (VAE_DECODER,), "encode": (VAE_ENCODER,)},
 }
 MODES = tuple(RESIDENT)
 
@@ -56,10 +60,22 @@ def unet_units(fragments: dict[str, nn.Module]) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def unit_modules(fragments: dict[str, nn.Module]) -> dict[str, list[nn.Module]]:
+    """unit -> the modules whose weights it moves, fragment by fragment."""
+    out: dict[str, list[nn.Module]] = {}
+    for name, module in fragments.items():
+        if name in UNET_HALVES:
+            out.update((u, [m]) for u, m in unet_units({name: module}))
+        elif name == VAE:
+            out.update((u, [getattr(module, child) for child in children]) for u, children in VAE_UNITS.items())
+        else:
+            out[name] = [module]
+    return out
+
+
 def units_of(fragments: dict[str, nn.Module]) -> dict[str, list[str]]:
     """fragment -> its units."""
-    return {name: ([u for u, _ in unet_units({name: m})] if name in UNET_HALVES else [name])
-            for name, m in fragments.items()}
+    return {name: [u for u in unit_modules({name: m})] for name, m in fragments.items()}
 
 
 class Offloader:
@@ -76,8 +92,7 @@ class Offloader:
         self.meter = meter or NullMeter()
         self.copy_on_host = copy_on_host  # move even when the device is the host (tests run every path)
         self.units = units_of(fragments)
-        modules = {u: m for u, m in unet_units(fragments)}
-        modules.update({n: m for n, m in fragments.items() if n not in UNET_HALVES})
+        modules = unit_modules(fragments)
         unknown = set(resident) - set(modules)
         if unknown:
             raise ValueError(f"unknown resident units {sorted(unknown)}")
@@ -88,15 +103,16 @@ class Offloader:
         self.phase_bytes: dict[str, int] = {}  # phase -> host->device bytes moved during it
         self._phase: str | None = None
         # The host masters, captured once: unit -> [(owner module, kind, name, cpu parameter/buffer)].
-        self._masters = {u: _tensors(m) for u, m in modules.items()}
+        self._masters = {u: [t for m in ms for t in _tensors(m)] for u, ms in modules.items()}
         self._prefetched: dict[str, tuple] = {}  # unit -> (event or None, [device copies])
         self._order = [u for u, _ in unet_units(fragments)]
         self._streamed = [u for u in self._order if u not in self.resident] if mode == "stream" else []
         self._side = None
         if self._streamed and self.offloading:
             for u in self._streamed:
-                modules[u].register_forward_pre_hook(lambda mod, args, u=u: self._before_block(u))
-                modules[u].register_forward_hook(lambda mod, args, out, u=u: self._after_block(u))
+                block, = modules[u]
+                block.register_forward_pre_hook(lambda mod, args, u=u: self._before_block(u))
+                block.register_forward_hook(lambda mod, args, out, u=u: self._after_block(u))
             if self.device.type == "cuda":
                 self._pin(self._streamed)
                 self._side = torch.cuda.Stream(self.device)
@@ -176,8 +192,7 @@ class Offloader:
     def _resident_units(self) -> set[str]:
         if not self._phase:
             return set()
-        names = RESIDENT[self.mode][self._phase]
-        units = {u for n in names if n in self.units for u in self.units[n]}
+        units = {u for n in RESIDENT[self.mode][self._phase] for u in self._units_named(n)}
         if self._phase == "sample":
             units |= set(self.resident)
         return units
@@ -192,8 +207,9 @@ class Offloader:
         moved = self.bytes_moved
         self.meter.phase_start()
         try:
-            for unit in self._order + list(self.units):  # UNet blocks in run order, then the rest
-                if unit in self._resident_units():
+            resident = self._resident_units()
+            for unit in self._order + list(self._masters):  # UNet blocks in run order, then the rest
+                if unit in resident:
                     self._load(unit)
             yield self
         finally:
@@ -206,17 +222,23 @@ class Offloader:
             self.phase_bytes[phase] = self.phase_bytes.get(phase, 0) + self.bytes_moved - moved
             self._phase = None
 
+    def _units_named(self, name: str) -> list[str]:
+        """A fragment's units, or the unit `name` itself; [] for what is not loaded."""
+        return self.units.get(name) or ([name] if name in self._masters else [])
+
     @contextmanager
     def use(self, name: str):
-        """The fragment `name`, on the device for the duration of the block (streamed UNet blocks
-        come and go inside it)."""
-        if name not in self.fragments:
+        """The fragment `name`, or the fragment holding unit `name` (e.g. `vae.decoder`) with only
+        that unit, on the device for the duration of the block (streamed UNet blocks come and go
+        inside it)."""
+        units = self._units_named(name)
+        if not units:
             raise KeyError(f"fragment {name!r} is not loaded")
-        visiting = [u for u in self.units[name] if u not in self._streamed or self._phase != "sample"]
+        visiting = [u for u in units if u not in self._streamed or self._phase != "sample"]
         for u in visiting:
             self._load(u)
         try:
-            yield self.fragments[name]
+            yield self.fragments[name.split(".")[0]]
         finally:
             resident = self._resident_units()
             for u in visiting:
@@ -238,4 +260,4 @@ def fragment_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for *_, t in _tensors(module))
 
 
-assert set(FRAGMENTS) >= {n for mode in RESIDENT.values() for names in mode.values() for n in names}
+assert set(FRAGMENTS) | set(VAE_UNITS) >= {n for mode in RESIDENT.values() for names in mode.values() for n in names}

@@ -1,4 +1,5 @@
-"""Text (and later image) to image on the four fragments: conditioning -> sampling -> decoding.
+"""Text to image, image to image and inpainting on the four fragments: conditioning -> (encoding)
+-> sampling -> decoding.
 
 The pipeline owns no weights' placement: every fragment call goes through the `Offloader`.
 Randomness is drawn on the CPU from one generator per image (`seed + i`), so one seed gives one
@@ -10,12 +11,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .config import SDConfig
-from .fragments import TEXT_ENCODER, UNET_IN, UNET_OUT, VAE
-from .offload import Offloader
+from .fragments import TEXT_ENCODER, UNET_IN, UNET_OUT
+from .offload import VAE_DECODER, VAE_ENCODER, Offloader
 from .prompts import parse_weighted
-from .samplers import SAMPLERS, EpsDenoiser, Schedule, make_plan, takes_noise
+from .samplers import SAMPLERS, EpsDenoiser, KnownRegion, Schedule, make_plan, strength_steps, takes_noise
 from .tiling import decode_safe, decode_tiled
 from .tokenizer import get_tokenizer
 
@@ -53,13 +55,14 @@ class SampleSettings:
 
 class Pipeline:
     def __init__(self, cfg: SDConfig, engine: Offloader, dtype: torch.dtype = torch.float32, unet_bs: int = 1,
-                 tile: bool = False):
+                 tile: bool = False, long_prompts: bool = False):
         self.cfg = cfg
         self.engine = engine
         self.device = engine.device
         self.dtype = dtype
         self.unet_bs = max(1, int(unet_bs))
         self.tile = tile  # decode in overlapping tiles (tiling.py), for large images on little memory
+        self.long_prompts = long_prompts  # encode prompts whole in 75-token chunks, not cut at 75 (conditioning)
         self.redone_in_fp32 = 0  # images whose fp16 decode overflowed and was redone in fp32
         self.schedule = self.schedule_of(cfg)
 
@@ -74,12 +77,21 @@ class Pipeline:
 
     # ---- text -------------------------------------------------------------------------------
     def conditioning(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts (weighted sub-prompts allowed) -> CLIP hidden states (N, 77, hidden), fp32, on device."""
+        """Prompts (weighted sub-prompts allowed) -> CLIP hidden states (N, 77 * K, hidden), fp32, on device.
+
+        K = 1 by default: each text is cut to 75 tokens (with a logged warning), as the reference SD v1
+        pipeline does. With `long_prompts`, each text is encoded whole in K 77-position chunks of 75
+        tokens (`ClipTokenizer.chunks`), each chunk on its own, and a text's chunk states are laid side by
+        side on the token axis; the texts of one call are padded with empty chunks to the same K.
+        """
         parsed = [parse_weighted(p) for p in prompts]
         texts = sorted({text for parts in parsed for text, _ in parts})
-        tokens = get_tokenizer()(texts).to(self.device)
+        tokenizer = get_tokenizer()
+        rows = tokenizer.chunks(texts) if self.long_prompts else tokenizer(texts)[:, None]  # (T, K, 77)
+        tokens = rows.flatten(0, 1).to(self.device)  # (T * K, 77): one encoder row per chunk
         with self.engine.phase("text"), self.engine.use(TEXT_ENCODER) as encoder, self._autocast():
-            hidden = dict(zip(texts, encoder(tokens).float()))
+            states = encoder(tokens).float()  # (T * K, 77, hidden)
+        hidden = dict(zip(texts, states.reshape(len(texts), -1, states.shape[-1])))  # text -> (K * 77, hidden)
         out = []
         for parts in parsed:
             c = torch.zeros_like(hidden[parts[0][0]])
@@ -103,15 +115,42 @@ class Pipeline:
                         for i, (h, emb, skips) in zip(chunks, mids)]
         return torch.cat(outs).float()
 
+    def _eps_with(self, concat: torch.Tensor):
+        """`eps` of a UNet that takes extra input channels (9-channel inpainting: mask and masked-image
+        latents): `concat` (B, k, h, w) goes after each row's latents, repeated for the guidance rows."""
+        def eps(x, t, context):
+            extra = concat.to(x.device, x.dtype).repeat(x.shape[0] // concat.shape[0], 1, 1, 1)
+            return self.eps(torch.cat([x, extra], dim=1), t, context)
+        return eps
+
     # ---- sampling ---------------------------------------------------------------------------
     def sample(self, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor,
-               generators: list[torch.Generator], settings: SampleSettings, callback=None) -> torch.Tensor:
-        """Latents (B, C, h, w) from starting noise (B, C, h, w) drawn at unit scale."""
+               generators: list[torch.Generator], settings: SampleSettings, callback=None, *,
+               init: torch.Tensor | None = None, strength: float = 1.0, keep: torch.Tensor | None = None,
+               concat: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents (B, C, h, w) from noise (B, C, h, w) drawn at unit scale.
+
+        txt2img: from pure noise. With `init` latents and `strength` < 1 (img2img, SDEdit): the walk
+        is the plan's last `strength_steps` steps, from x = init + sigma * noise at the first of them;
+        strength 1 starts from pure noise. `keep` (1 where the latents are known, else 0; needs
+        `init`) inpaints with a plain model (`KnownRegion`); `concat` is a 9-channel inpainting
+        UNet's extra input (`_eps_with`).
+        """
         if settings.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {settings.sampler!r}; choose one of {sorted(SAMPLERS)}")
-        denoiser = EpsDenoiser(self.eps, self.schedule)
         plan = make_plan(self.schedule, settings.sampler, settings.steps, karras=settings.karras)
-        x = noise.to(self.device, torch.float32) * plan.init_scale
+        walked = strength_steps(plan.steps, strength)
+        if walked == 0:
+            raise ValueError(f"strength {strength} of {plan.steps} steps walks no step; raise the strength or the steps")
+        sigmas = plan.sigmas[plan.steps - walked:]
+        noise = noise.to(self.device, torch.float32)
+        if init is not None:
+            init = init.to(self.device, torch.float32)
+        x = noise * plan.init_scale if init is None or walked == plan.steps else init + float(sigmas[0]) * noise
+        denoiser = EpsDenoiser(self.eps if concat is None else self._eps_with(concat), self.schedule)
+        if keep is not None:
+            keep = keep.to(self.device, torch.float32)
+            denoiser = KnownRegion(denoiser, keep, init, noise, float(sigmas[0]))
 
         def noise_sampler(sigma, sigma_next):
             return torch.cat([torch.randn((1, *noise.shape[1:]), generator=g) for g in generators]).to(self.device)
@@ -121,8 +160,9 @@ class Pipeline:
         if settings.sampler == "ddim":
             kwargs["eta"] = settings.eta
         with self.engine.phase("sample"):
-            x = SAMPLERS[settings.sampler](denoiser, x, plan.sigmas, extra_args=extra, callback=callback, **kwargs)
-        return plan.to_latent(x)
+            x = SAMPLERS[settings.sampler](denoiser, x, sigmas, extra_args=extra, callback=callback, **kwargs)
+        latent = plan.to_latent(x)
+        return latent if keep is None else keep * init + (1 - keep) * latent
 
     # ---- VAE --------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -130,7 +170,7 @@ class Pipeline:
         time, in tiles when `self.tile`; an fp16 decode that overflows is redone in fp32."""
         images = []
         tile = TILE if self.tile else None
-        with self.engine.phase("decode"), self.engine.use(VAE) as vae, self._autocast():
+        with self.engine.phase("decode"), self.engine.use(VAE_DECODER) as vae, self._autocast():
             for z in latents.split(1):
                 z = (z / self.cfg.scale_factor).to(self.device)
                 if self.device.type == "meta":  # planning: no values to check for overflow
@@ -141,20 +181,71 @@ class Pipeline:
                 images.append(image.float())
         return torch.cat(images)
 
-    def txt2img_latents(self, prompt: str, negative_prompt: str, seeds: list[int], height: int, width: int,
-                settings: SampleSettings, fixed_noise: torch.Tensor | None = None, callback=None) -> torch.Tensor:
-        """Latents (len(seeds), C, H/f, W/f) for one prompt, image i seeded `seeds[i]`; `decode` makes
-        them images."""
-        f, c = self.cfg.downsample_factor, self.cfg.channels
-        shape = (1, c, height // f, width // f)
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        noise = torch.cat([torch.randn(shape, generator=g) for g in generators])
-        if fixed_noise is not None:
-            noise = fixed_noise.expand_as(noise).clone()
+    def encode(self, image: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """One image (1, 3, H, W) in [-1, 1] -> scaled latents (len(generators), C, H/f, W/f): for each
+        generator a sample of the VAE encoder's posterior, mean + std * randn drawn from it on the
+        CPU (the reference's `latent_dist.sample(generator)`), times the latent scale."""
+        with self.engine.phase("encode"), self.engine.use(VAE_ENCODER) as vae, self._autocast():
+            mean, logvar = (m.float() for m in vae.encode(image.to(self.device, self.dtype)))
+        std = (0.5 * logvar).exp()
+        draws = torch.cat([torch.randn(mean.shape, generator=g) for g in generators]).to(self.device)
+        return (mean + std * draws) * self.cfg.scale_factor
+
+    def _start(self, prompt: str, negative_prompt: str, seeds: list[int]):
+        """(cond, uncond) expanded to the batch, and image i's CPU generator seeded `seeds[i]`."""
         context = self.conditioning([prompt, negative_prompt])
         n = len(seeds)
-        cond, uncond = context[:1].expand(n, -1, -1), context[1:].expand(n, -1, -1)
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        return context[:1].expand(n, -1, -1), context[1:].expand(n, -1, -1), generators
+
+    def _noise(self, generators, shape, fixed_noise: torch.Tensor | None) -> torch.Tensor:
+        """Each image's next draw of unit noise of `shape` (1, C, h, w), or `fixed_noise` for all."""
+        noise = torch.cat([torch.randn(shape, generator=g) for g in generators])
+        return noise if fixed_noise is None else fixed_noise.expand_as(noise).clone()
+
+    def txt2img_latents(self, prompt: str, negative_prompt: str, seeds: list[int], height: int, width: int,
+                        settings: SampleSettings, fixed_noise: torch.Tensor | None = None,
+                        callback=None) -> torch.Tensor:
+        """Latents (len(seeds), C, H/f, W/f) for one prompt, image i seeded `seeds[i]`; `decode` makes
+        them images."""
+        f = self.cfg.downsample_factor
+        cond, uncond, generators = self._start(prompt, negative_prompt, seeds)
+        noise = self._noise(generators, (1, self.cfg.channels, height // f, width // f), fixed_noise)
         return self.sample(cond, uncond, noise, generators, settings, callback)
+
+    def img2img_latents(self, prompt: str, negative_prompt: str, seeds: list[int], image: torch.Tensor,
+                        settings: SampleSettings, strength: float, fixed_noise: torch.Tensor | None = None,
+                        callback=None) -> torch.Tensor:
+        """SDEdit img2img from `image` (1, 3, H, W) in [-1, 1], as diffusers' StableDiffusionImg2ImgPipeline:
+        image i's generator first draws the posterior sample (`encode`), then the noise."""
+        cond, uncond, generators = self._start(prompt, negative_prompt, seeds)
+        init = self.encode(image, generators)
+        noise = self._noise(generators, (1, *init.shape[1:]), fixed_noise)
+        return self.sample(cond, uncond, noise, generators, settings, callback, init=init, strength=strength)
+
+    def inpaint_latents(self, prompt: str, negative_prompt: str, seeds: list[int], image: torch.Tensor,
+                        mask: torch.Tensor, settings: SampleSettings, strength: float = 1.0,
+                        fixed_noise: torch.Tensor | None = None, callback=None) -> torch.Tensor:
+        """Repaint where `mask` (1, 1, H, W) is 1 (0 elsewhere) in `image` (1, 3, H, W) in [-1, 1], as
+        diffusers' StableDiffusionInpaintPipeline: the latent mask is the mask's nearest-neighbour
+        resize. A plain 4-channel UNet keeps the rest on the known latents (`KnownRegion`); a
+        9-channel one takes the mask and the latents of the masked image (`image` where mask is 0)
+        as extra input. Each image's generator draws, in this order: the posterior sample of the
+        image (for 4 channels, or strength < 1), the noise, the posterior sample of the masked image
+        (9 channels). The caller pastes the unmasked pixels back after decoding."""
+        f = self.cfg.downsample_factor
+        cond, uncond, generators = self._start(prompt, negative_prompt, seeds)
+        latent_mask = F.interpolate(mask.float(), size=(image.shape[2] // f, image.shape[3] // f))
+        nine = self.cfg.unet.in_channels == self.cfg.channels * 2 + 1
+        init = self.encode(image, generators) if not nine or strength < 1 else None
+        noise = self._noise(generators, (1, self.cfg.channels, *latent_mask.shape[2:]), fixed_noise)
+        if not nine:
+            return self.sample(cond, uncond, noise, generators, settings, callback, init=init, strength=strength,
+                               keep=1 - latent_mask)
+        masked = self.encode(image * (mask < 0.5), generators)
+        concat = torch.cat([latent_mask.to(masked.device).expand(len(seeds), -1, -1, -1), masked], dim=1)
+        return self.sample(cond, uncond, noise, generators, settings, callback, init=init, strength=strength,
+                           concat=concat)
 
     def txt2img(self, prompt: str, negative_prompt: str, seeds: list[int], height: int, width: int,
                 settings: SampleSettings, fixed_noise: torch.Tensor | None = None, callback=None) -> torch.Tensor:

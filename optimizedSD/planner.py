@@ -63,8 +63,9 @@ def _meta_fragments(cfg: SDConfig, dtype: torch.dtype):
 
 
 def predict(cfg: SDConfig, dtype: torch.dtype, plan: MemoryPlan, height: int, width: int, batch: int,
-            guided: bool = True) -> tuple[dict[str, int], int]:
-    """(planned peak device bytes per phase, host->device bytes per sampling step) of `plan`."""
+            guided: bool = True, encode: bool = False) -> tuple[dict[str, int], int]:
+    """(planned peak device bytes per phase, host->device bytes per sampling step) of `plan`; with
+    `encode`, the init image's VAE encoding (img2img, inpainting) too."""
     from .pipeline import Pipeline, SampleSettings
 
     fragments = _meta_fragments(cfg, dtype)
@@ -73,6 +74,8 @@ def predict(cfg: SDConfig, dtype: torch.dtype, plan: MemoryPlan, height: int, wi
         pipe = Pipeline(cfg, engine, dtype=dtype, unet_bs=plan.unet_bs, tile=plan.tile)
         settings = SampleSettings("ddim", 1, scale=7.5 if guided else 1.0)
         pipe.txt2img("plan", "", list(range(batch)), height, width, settings)
+        if encode:
+            pipe.encode(torch.zeros(1, 3, height, width, device="meta"), [torch.Generator("cpu")])
     _clear_hooks(fragments)
     return dict(engine.peaks), engine.phase_bytes.get("sample", 0)
 
@@ -92,7 +95,7 @@ def _halvings(n: int) -> list[int]:
 
 
 def plan_budget(cfg: SDConfig, dtype: torch.dtype, budget: int, height: int, width: int, n_samples: int,
-                guided: bool = True) -> MemoryPlan:
+                guided: bool = True, encode: bool = False) -> MemoryPlan:
     """The fastest settings whose planned peak, in every phase, is at most `budget` bytes."""
     lowest = None
     for batch in _halvings(n_samples):
@@ -100,18 +103,18 @@ def plan_budget(cfg: SDConfig, dtype: torch.dtype, budget: int, height: int, wid
         for unet_bs in _halvings(rows):
             for tile in (False, True):
                 plan = MemoryPlan("stream", (), batch, unet_bs, tile)
-                peaks, _ = predict(cfg, dtype, plan, height, width, batch, guided)
+                peaks, _ = predict(cfg, dtype, plan, height, width, batch, guided, encode)
                 plan = MemoryPlan("stream", (), batch, unet_bs, tile, peaks)
                 lowest = plan if lowest is None or plan.peak() < lowest.peak() else lowest
                 if plan.peak() <= budget:
-                    return _most_resident(cfg, dtype, plan, budget, height, width, guided)
+                    return _most_resident(cfg, dtype, plan, budget, height, width, guided, encode)
                 if peaks.get("decode", 0) <= budget:
                     break  # tiling cannot help: decoding already fits
     raise PlanError(f"--vram {gib(budget)} is too small for {width}x{height}: the lowest setting needs "
                     f"{gib(lowest.peak())}; use a smaller size or a larger --vram")
 
 
-def _most_resident(cfg, dtype, plan: MemoryPlan, budget, height, width, guided) -> MemoryPlan:
+def _most_resident(cfg, dtype, plan: MemoryPlan, budget, height, width, guided, encode) -> MemoryPlan:
     """Binary search on the number of resident UNet blocks (a prefix in run order)."""
     units = [u for u, _ in unet_units(_meta_fragments(cfg, dtype))]
     best, lo, hi = plan, 1, len(units)
@@ -119,7 +122,7 @@ def _most_resident(cfg, dtype, plan: MemoryPlan, budget, height, width, guided) 
         k = (lo + hi) // 2
         mode = "turbo" if k == len(units) else "stream"
         candidate = MemoryPlan(mode, tuple(units[:k]) if mode == "stream" else (), plan.batch, plan.unet_bs, plan.tile)
-        peaks, _ = predict(cfg, dtype, candidate, height, width, plan.batch, guided)
+        peaks, _ = predict(cfg, dtype, candidate, height, width, plan.batch, guided, encode)
         if max(peaks.values()) <= budget:
             best, lo = MemoryPlan(candidate.mode, candidate.resident, plan.batch, plan.unet_bs, plan.tile, peaks), k + 1
         else:
@@ -128,10 +131,11 @@ def _most_resident(cfg, dtype, plan: MemoryPlan, budget, height, width, guided) 
 
 
 def choose_plan(cfg: SDConfig, dtype: torch.dtype, *, turbo: bool, lowvram: bool, vram: int | None,
-                unet_bs: int, height: int, width: int, n_samples: int, guided: bool) -> MemoryPlan:
+                unet_bs: int, height: int, width: int, n_samples: int, guided: bool,
+                encode: bool = False) -> MemoryPlan:
     """The memory settings of a run: --turbo, --lowvram, --vram SIZE, or the four-fragment default."""
     if vram is not None:
-        return plan_budget(cfg, dtype, vram, height, width, n_samples, guided)
+        return plan_budget(cfg, dtype, vram, height, width, n_samples, guided, encode)
     if lowvram:  # tiles only change images larger than one tile (512x512 pixels)
         return MemoryPlan("stream", (), None, unet_bs, tile=True)
     return MemoryPlan("turbo" if turbo else "default", (), None, unet_bs)

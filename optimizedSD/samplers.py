@@ -193,6 +193,40 @@ class EpsDenoiser:
         return x - s * eps
 
 
+class KnownRegion:
+    """Inpainting with a plain (4-channel) model: before each model evaluation below the starting
+    sigma, the region to keep is set back to the known latents noised to that sigma with the
+    run's one noise draw, x = keep * (known + sigma * noise) + (1 - keep) * x; the model fills the
+    rest in agreement with it. `keep` (B or 1, 1, h, w) is 1 where the latents are known.
+
+    This is diffusers' StableDiffusionInpaintPipeline for 4-channel UNets, which blends the known
+    latents noised to the next timestep in after each step (so the first evaluation sees the start
+    as it is): for a binary mask the region to repaint evolves exactly as there. The caller puts
+    the known latents back at the end (`keep * known + (1 - keep) * latent`), as that pipeline's
+    last step does.
+    """
+
+    def __init__(self, denoise: Denoiser, keep: torch.Tensor, known: torch.Tensor, noise: torch.Tensor,
+                 sigma_start: float):
+        self.denoise, self.keep, self.known, self.noise = denoise, keep, known, noise
+        self.sigma_start = sigma_start
+
+    def __call__(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
+        s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1)
+        if float(s.max()) < self.sigma_start * (1 - 1e-6):
+            s = s.expand(x.shape[0]).reshape(-1, *[1] * (x.ndim - 1))
+            x = self.keep * (self.known + s * self.noise) + (1 - self.keep) * x
+        return self.denoise(x, sigma, **extra_args)
+
+
+def strength_steps(steps: int, strength: float) -> int:
+    """How many of a plan's `steps` SDEdit img2img (Meng et al. 2021) walks for `strength` in
+    (0, 1]: the last int(strength * steps), as diffusers' img2img `get_timesteps`. 0 means none."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    return min(int(strength * steps), steps)
+
+
 # --- samplers --------------------------------------------------------------------------------------
 
 @torch.no_grad()

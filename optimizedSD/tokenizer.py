@@ -8,6 +8,7 @@ pulls in ``pkg_resources``/torchvision and fails on current setuptools.
 
 Rows fed to the text encoder are ``[BOS] + ids[:length - 2] + [EOS]`` padded with EOS, as the
 SD v1 reference pipeline (CompVis ``FrozenCLIPEmbedder``, HF ``openai/clip-vit-large-patch14``) pads.
+``chunks`` instead cuts long texts into several such rows, as AUTOMATIC1111's webui does.
 """
 
 from __future__ import annotations
@@ -197,13 +198,38 @@ class ClipTokenizer:
             if len(ids) > capacity and text not in warned:
                 warned.add(text)
                 log.warning(
-                    "prompt is %d tokens; the last %d of them were dropped (CLIP reads %d): %r",
+                    "prompt is %d tokens; the last %d of them were dropped (CLIP reads %d): %r; "
+                    "--long_prompts encodes them all",
                     len(ids), len(ids) - capacity, capacity, self.decode(ids[capacity:]),
                 )
             ids = ids[:capacity]
             rows[n, 0] = BOS
             rows[n, 1 : 1 + len(ids)] = torch.tensor(ids, dtype=torch.long)
             # rows[n, 1 + len(ids)] is already EOS, as is the padding after it.
+        return rows
+
+    def chunks(self, texts: list[str] | str, length: int = CONTEXT_LENGTH) -> torch.Tensor:
+        """(N, K, length) int64: every text whole, in K rows of ``length - 2`` tokens each.
+
+        Text n's ids (no BOS/EOS) are cut into consecutive pieces of ``length - 2`` (75); piece j
+        becomes row ``[n, j]`` = ``[BOS] + piece + [EOS]`` padded with EOS, as ``__call__`` builds
+        a row. An empty text is one piece (BOS, then EOS to the end). K is the most pieces any of
+        the texts needs, at least 1; texts with fewer pieces are padded with such empty rows, so
+        every text ends up K rows long (AUTOMATIC1111's webui: 75-token chunks, each encoded on
+        its own, the shorter prompt padded with empty chunks). Nothing is dropped and nothing is
+        logged; when every text fits one row, ``chunks(texts)[:, 0]`` equals ``self(texts)``.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        capacity = _capacity(length)
+        ids = [self.encode(text) for text in texts]
+        k = max([1] + [-(-len(i) // capacity) for i in ids])  # ceil(tokens / capacity), at least 1
+        rows = torch.full((len(texts), k, length), EOS, dtype=torch.long)  # (N, K, length)
+        rows[:, :, 0] = BOS
+        for n, text_ids in enumerate(ids):
+            for j in range(0, len(text_ids), capacity):
+                piece = text_ids[j : j + capacity]
+                rows[n, j // capacity, 1 : 1 + len(piece)] = torch.tensor(piece, dtype=torch.long)
         return rows
 
 

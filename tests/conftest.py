@@ -18,3 +18,18 @@ def tiny_model(tmp_path_factory):
     cfg = tiny_config()
     state = write_tiny_checkpoint(d / "tiny.ckpt", cfg, seed=0)
     return d / "tiny.ckpt", write_yaml_config(cfg, d / "tiny.yaml"), cfg, state
+
+
+@pytest.fixture(scope="session")
+def oracle():
+    """OpenAI's own SimpleTokenizer (the openai-clip package), the tokenizer tests' oracle."""
+    from reference import openai_simple_tokenizer
+
+    return openai_simple_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tok():
+    from optimizedSD.tokenizer import ClipTokenizer
+
+    return ClipTokenizer()

@@ -149,11 +149,13 @@ def clip_tokenizer(workdir: Path):
                          pad_token="<|endoftext|>", model_max_length=77)
 
 
-def sd_pipeline(cfg: SDConfig, ckpt: dict, scheduler, workdir: Path):
-    """diffusers' StableDiffusionPipeline around the reference models converted from `ckpt`."""
-    from diffusers import StableDiffusionPipeline
+def sd_pipeline(cfg: SDConfig, ckpt: dict, scheduler, workdir: Path, kind: str = "StableDiffusionPipeline"):
+    """diffusers' StableDiffusionPipeline (or another SD v1 pipeline class of diffusers, by name:
+    StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline) around the reference models
+    converted from `ckpt`."""
+    import diffusers
 
-    pipe = StableDiffusionPipeline(
+    pipe = getattr(diffusers, kind)(
         vae=diffusers_vae(cfg, ckpt), text_encoder=transformers_clip(cfg, ckpt),
         tokenizer=clip_tokenizer(workdir), unet=diffusers_unet(cfg, ckpt), scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -182,12 +184,12 @@ PROMPT, NEGATIVE = "a red fox sitting in the snow, oil painting", "blurry, low q
 MAX_DIFF = 2  # of 255, per pixel and channel
 
 
-def random_tiny_model(tmp_path_factory):
-    """A tiny model whose every weight is random (norm scales and biases too), as a real .ckpt:
-    (cfg, ckpt path, state dict, tokenizer workdir)."""
+def random_tiny_model(tmp_path_factory, cfg: SDConfig | None = None):
+    """A tiny model (default `tiny_config()`) whose every weight is random (norm scales and biases
+    too), as a real .ckpt: (cfg, ckpt path, state dict, tokenizer workdir)."""
     from optimizedSD.config import tiny_config
 
-    cfg = tiny_config()
+    cfg = cfg or tiny_config()
     torch.manual_seed(1)
     frags = build_fragments(cfg)
     for i, frag in enumerate(frags.values()):

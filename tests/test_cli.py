@@ -15,7 +15,7 @@ from PIL import Image
 
 from checkpoints import write_tiny_checkpoint
 from optimizedSD import cli
-from optimizedSD.cli import main, run_txt2img
+from optimizedSD.cli import main
 from optimizedSD.config import SDConfig, UNetConfig
 from optimizedSD.images import file_hash
 
@@ -26,10 +26,10 @@ ISSUE_FLAGS = ("--prompt --negative_prompt --outdir --skip_grid --skip_save --dd
                "--precision --format --sampler --ckpt --config --ema --plms").split()
 
 
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    """main() in this process: (exit status, stdout, stderr)."""
+def run_cli(argv, capsys, kind: str = "txt2img") -> tuple[int, str, str]:
+    """main() of the `kind` script in this process: (exit status, stdout, stderr)."""
     try:
-        code = main(run_txt2img, [str(a) for a in argv])
+        code = main([str(a) for a in argv], kind=kind)
     except SystemExit as e:  # argparse
         code = e.code
     out, err = capsys.readouterr()

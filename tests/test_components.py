@@ -18,7 +18,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing below may touch the network
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import pytest
 import torch
@@ -27,19 +27,16 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
-    convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
     create_unet_diffusers_config_from_ldm,
     create_vae_diffusers_config_from_ldm,
 )
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from optimizedSD.attention import AttentionPolicy, attention, get_policy, set_policy
 from optimizedSD.config import SDConfig, tiny_config
-from optimizedSD.fragments import TEXT_ENCODER, UNET_IN, UNET_OUT, VAE, build_fragments, checkpoint_key
-from reference import (checkpoint, diffusers_unet, diffusers_vae, ldm_config, randomize, tiny_fragments,
-                       transformers_clip)
+from optimizedSD.fragments import TEXT_ENCODER, UNET_IN, UNET_OUT, VAE, build_fragments
+from reference import checkpoint, diffusers_unet, diffusers_vae, ldm_config, tiny_fragments, transformers_clip
 
 REL_TOL = 1e-5  # max |ours - reference| allowed, as a fraction of max |reference| (float32, see above)
 

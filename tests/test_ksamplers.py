@@ -260,10 +260,10 @@ def test_karras_is_for_k_samplers_only():
     from optimizedSD.cli import UsageError, build_parser, validate
     from optimizedSD.config import SDConfig
 
-    args = build_parser("t", "t").parse_args(["--sampler", "ddim", "--karras"])
+    args = build_parser().parse_args(["--sampler", "ddim", "--karras"])
     with pytest.raises(UsageError, match="--karras"):
         validate(args, SDConfig())
-    validate(build_parser("t", "t").parse_args(["--sampler", "dpmpp_2m", "--karras"]), SDConfig())
+    validate(build_parser().parse_args(["--sampler", "dpmpp_2m", "--karras"]), SDConfig())
 
 
 # --- (d) one seed, one image, whatever the batch ----------------------------------------------------------

@@ -73,10 +73,10 @@ def test_2048_fits_in_4g():
 
 
 def test_cli_plans_without_a_checkpoint(tmp_path, capsys, monkeypatch):
-    from optimizedSD.cli import main, run_txt2img
+    from optimizedSD.cli import main
 
     monkeypatch.chdir(tmp_path)  # no checkpoint anywhere near
-    code = main(run_txt2img, ["--device", "meta", "--n_samples", "1", "--ddim_steps", "2", "--sampler", "ddim",
+    code = main(["--device", "meta", "--n_samples", "1", "--ddim_steps", "2", "--sampler", "ddim",
                               "--lowvram", "--json", "--outdir", str(tmp_path / "out")])
     out, err = capsys.readouterr()
     assert code == 0, err

@@ -3,10 +3,8 @@
 import gzip
 import importlib.util
 import logging
-import os
 
 import pytest
-from reference import openai_simple_tokenizer
 import torch
 
 from optimizedSD.tokenizer import BOS, EOS, ClipTokenizer, VocabNotFoundError, default_vocab_path, get_tokenizer
@@ -43,16 +41,6 @@ LONG = (
     "ultra wide angle, sharp focus, intricate, elegant, fantasy, concept art, hdr, "
     "masterpiece, award winning photograph, in the style of studio ghibli"
 )
-
-
-@pytest.fixture(scope="module")
-def oracle():
-    return openai_simple_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return ClipTokenizer()
 
 
 @pytest.mark.parametrize("text", TEXTS)

@@ -1,0 +1,82 @@
+"""The images a run starts from: the init image of img2img and inpainting, and the inpainting mask.
+
+Read as the reference pipelines read them (CompVis `load_img`, diffusers' `VaeImageProcessor`):
+resized with Lanczos when the size differs, then pixels / 255 * 2 - 1. An image with transparency is
+composited on white first; grayscale, palette and CMYK images become RGB. A mask becomes grayscale
+and is binarised at half intensity: white (>= 128) is repainted, black kept.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+MASK_THRESHOLD = 128  # mask pixels at or above this (of 255) are repainted
+
+
+class InputError(Exception):
+    """An input image that cannot be used; the message names the file and the fix."""
+
+
+def open_image(path: str | Path, what: str) -> Image.Image:
+    """The image at `path`, fully read (so a truncated file fails here, not later)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} not found: {path}; check the path")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except UnidentifiedImageError:
+        raise InputError(f"{what} {path} is not an image PIL can read; use a png, jpg or webp file") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"cannot read {what} {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                         f"the file may be truncated or corrupt") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB; transparency (RGBA, LA, palette with a transparent colour) composited on white."""
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def default_size(im: Image.Image, multiple: int = 8) -> tuple[int, int]:
+    """(width, height) of `im` rounded down to a multiple of `multiple` (at least `multiple`)."""
+    return tuple(max(multiple, v // multiple * multiple) for v in im.size)
+
+
+def resized(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    return im if im.size == size else im.resize(size, resample=Image.LANCZOS)
+
+
+def load_mask(path: str | Path, size: tuple[int, int]) -> tuple[Image.Image, bool]:
+    """(mask as a binary "L" image of `size`: 255 repaint, 0 keep; whether it had to be resized)."""
+    im = open_image(path, "mask")
+    gray = im.convert("RGBA").convert("L") if im.mode == "P" else im.convert("L")
+    was = gray.size
+    gray = resized(gray, size)
+    binary = gray.point(lambda v: 255 if v >= MASK_THRESHOLD else 0)
+    return binary, was != size
+
+
+def image_tensor(im: Image.Image) -> torch.Tensor:
+    """RGB image -> (1, 3, H, W) float32 in [-1, 1]."""
+    a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(a).permute(2, 0, 1)[None] * 2.0 - 1.0
+
+
+def mask_tensor(mask: Image.Image) -> torch.Tensor:
+    """Binary "L" mask -> (1, 1, H, W) float32: 1 repaint, 0 keep."""
+    return torch.from_numpy((np.asarray(mask) >= MASK_THRESHOLD).astype(np.float32))[None, None]
+
+
+def paste_back(generated: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
+    """`generated` where the mask is white, `original` (its exact pixels) everywhere else."""
+    return Image.composite(generated, original.convert("RGB"), mask)
