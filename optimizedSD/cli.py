@@ -20,6 +20,8 @@ from .ksamplers import KSAMPLERS
 
 ROOT = Path(__file__).resolve().parent.parent  # the repo, or the CompVis checkout we were dropped into
 COMPVIS_CKPT = Path("models/ldm/stable-diffusion-v1/model.ckpt")
+DEMO_CKPT, DEMO_CONFIG = Path("weights/demo.safetensors"), Path("configs/demo.yaml")  # under ROOT; train_demo.py
+DEMO_SIZE = 64  # what the demo model was trained at
 CKPT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth")
 
 
@@ -73,8 +75,9 @@ def build_parser(kind: str = "txt2img") -> argparse.ArgumentParser:
     a("--skip_grid", action="store_true", help="do not save a grid of each prompt's images")
     a("--skip_save", action="store_true", help="do not save the individual images (only the grid)")
     a("--format", type=str, default="png", choices=["png", "jpg"], help="image file format")
-    a("--sampler", type=str, default="plms", choices=sorted(SAMPLERS),
-      help="sampling method: ddim, plms (CompVis) or a k-diffusion sampler: " + ", ".join(KSAMPLERS))
+    a("--sampler", type=str, default=None, choices=sorted(SAMPLERS),
+      help="sampling method: ddim, plms (CompVis) or a k-diffusion sampler: " + ", ".join(KSAMPLERS)
+           + " (default: plms; ddim with --demo)")
     a("--karras", action="store_true", help="Karras et al. 2022 sigma schedule (k-samplers only)")
     a("--plms", action="store_true", help="same as --sampler plms")
     a("--ddim_steps", type=int, default=50, help="number of sampling steps")
@@ -83,10 +86,10 @@ def build_parser(kind: str = "txt2img") -> argparse.ArgumentParser:
     a("--n_samples", type=int, default=5, help="images generated at once (one batch)")
     a("--n_iter", type=int, default=1, help="batches per prompt")
     a("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
-    size_default = 512 if kind == "txt2img" else None
-    size_help = "" if kind == "txt2img" else " (default: the init image's, rounded down to a multiple of 8)"
-    a("--H", type=int, default=size_default, help="image height in pixels, a multiple of 8" + size_help)
-    a("--W", type=int, default=size_default, help="image width in pixels, a multiple of 8" + size_help)
+    size_help = (" (default: 512, or 64 with --demo)" if kind == "txt2img" else
+                 " (default: the init image's, rounded down to a multiple of 8)")
+    a("--H", type=int, default=None, help="image height in pixels, a multiple of 8" + size_help)
+    a("--W", type=int, default=None, help="image width in pixels, a multiple of 8" + size_help)
     a("--C", type=int, default=4, help="latent channels (must match the model: 4 for SD v1)")
     a("--f", type=int, default=8, help="downsampling factor (must match the model: 8 for SD v1)")
     a("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i (default: random)")
@@ -109,6 +112,9 @@ def build_parser(kind: str = "txt2img") -> argparse.ArgumentParser:
     a("--config", type=str, default=None,
       help="CompVis-style model YAML (e.g. configs/v1-inference.yaml); default: SD v1's built-in config")
     a("--ema", action="store_true", help="use the EMA weights of a full (non-pruned) checkpoint")
+    a("--demo", action="store_true",
+      help=f"use the bundled demo model ({DEMO_CKPT}, {DEMO_CONFIG}): a tiny model trained on coloured shapes, "
+           "e.g. 'a red circle on a blue background, top left'; draws 64x64 images in seconds on a CPU")
     return p
 
 
@@ -158,14 +164,15 @@ def find_checkpoint(arg: str | None) -> Path:
         if (base / COMPVIS_CKPT).is_file():
             return base / COMPVIS_CKPT
     for base in dict.fromkeys([Path.cwd(), ROOT]):
-        found = sorted(p for p in (base / "weights").glob("*") if p.suffix in CKPT_SUFFIXES and p.is_file())
+        found = sorted(p for p in (base / "weights").glob("*")
+                       if p.suffix in CKPT_SUFFIXES and p.is_file() and p.name != DEMO_CKPT.name)
         if len(found) == 1:
             return found[0]
         if len(found) > 1:
             names = ", ".join(p.name for p in found)
             raise UsageError(f"several checkpoints in {base / 'weights'} ({names}); pick one with --ckpt")
     raise UsageError(f"no checkpoint found: put sd-v1-4.ckpt (or a .safetensors file) in weights/ "
-                     f"or at {COMPVIS_CKPT}, or pass --ckpt PATH")
+                     f"or at {COMPVIS_CKPT}, or pass --ckpt PATH (or --demo for the bundled demo model)")
 
 
 def check_outdir(outdir: str) -> None:
@@ -304,6 +311,7 @@ def generate(args) -> dict:
 
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     kind = args.kind
+    use_demo(args)
     cfg = load_config(args.config)
     validate(args, cfg)
     prompts = read_prompts(args)
@@ -431,6 +439,23 @@ def generate(args) -> dict:
         log(f"wrote {written} images{'' if args.skip_grid else ' and ' + str(len(prompts)) + ' grid(s)'} to {where} "
             f"in {seconds:.1f} s ({seconds / total:.2f} s/image)")
     return figures
+
+
+def use_demo(args) -> None:
+    """--demo: the bundled demo model and its config (unless --ckpt/--config say otherwise), its
+    64x64 size for txt2img and the ddim sampler; without it 512x512 and plms, unless flags say otherwise."""
+    if args.demo:
+        for flag, path in (("ckpt", DEMO_CKPT), ("config", DEMO_CONFIG)):
+            if getattr(args, flag) is None:
+                if not (ROOT / path).is_file():
+                    raise UsageError(f"the demo model's {path} is missing from {ROOT}; "
+                                     f"run python optimizedSD/train_demo.py to make it")
+                setattr(args, flag, str(ROOT / path))
+    if args.sampler is None:  # plms, as CompVis; the multistep samplers diverge on the demo model
+        args.sampler = "ddim" if args.demo else "plms"
+    if args.kind == "txt2img":
+        size = DEMO_SIZE if args.demo else 512
+        args.H, args.W = (size if args.H is None else args.H), (size if args.W is None else args.W)
 
 
 def inpainting_config(cfg: SDConfig, ckpt: Path) -> SDConfig:

@@ -6,7 +6,7 @@ with the tensor shapes a checkpoint holds and names the first mismatch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 LATENT_SCALE = 0.18215  # SD v1 `scale_factor`: latents are VAE means times this
@@ -111,6 +111,37 @@ class SDConfig:
             return cls(unet=unet, vae=vae, text=text, **top)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+
+    def to_compvis(self) -> dict:
+        """This config as the dict a CompVis-style `v1-inference.yaml` parses to (`from_yaml` reads it
+        back; diffusers' single-file converters read it too). The `target`s name the CompVis classes."""
+        u, v = self.unet, self.vae
+        return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
+            "linear_start": self.linear_start, "linear_end": self.linear_end, "timesteps": self.timesteps,
+            "scale_factor": self.scale_factor, "channels": self.channels,
+            "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
+                "image_size": 32, "in_channels": u.in_channels, "out_channels": u.out_channels,
+                "model_channels": u.model_channels, "attention_resolutions": list(u.attention_resolutions),
+                "num_res_blocks": u.num_res_blocks, "channel_mult": list(u.channel_mult),
+                "num_heads": u.num_heads, "use_spatial_transformer": True,
+                "transformer_depth": u.transformer_depth, "context_dim": u.context_dim,
+                "use_checkpoint": True, "legacy": False,
+                **({"num_head_channels": u.num_head_channels} if u.num_head_channels != -1 else {})}},
+            "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
+                "embed_dim": v.embed_dim, "ddconfig": {
+                    "double_z": v.double_z, "z_channels": v.z_channels, "resolution": v.resolution,
+                    "in_channels": v.in_channels, "out_ch": v.out_ch, "ch": v.ch, "ch_mult": list(v.ch_mult),
+                    "num_res_blocks": v.num_res_blocks, "attn_resolutions": list(v.attn_resolutions),
+                    "dropout": 0.0}}},
+            "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+                                  "params": {"text_config": asdict(self.text)}},
+        }}}
+
+    def save_yaml(self, path: str | Path, header: str = "") -> None:
+        """Write `to_compvis()` as YAML to `path`, after `header` (comment lines)."""
+        from omegaconf import OmegaConf
+
+        Path(path).write_text(header + OmegaConf.to_yaml(OmegaConf.create(self.to_compvis())), encoding="utf-8")
 
     def with_text(self, **changes) -> "SDConfig":
         return replace(self, text=replace(self.text, **changes))

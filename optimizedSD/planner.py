@@ -73,9 +73,16 @@ def predict(cfg: SDConfig, dtype: torch.dtype, plan: MemoryPlan, height: int, wi
         engine = Offloader(fragments, torch.device("meta"), plan.mode, plan.resident, meter=meter)
         pipe = Pipeline(cfg, engine, dtype=dtype, unet_bs=plan.unet_bs, tile=plan.tile)
         settings = SampleSettings("ddim", 1, scale=7.5 if guided else 1.0)
-        pipe.txt2img("plan", "", list(range(batch)), height, width, settings)
-        if encode:
-            pipe.encode(torch.zeros(1, 3, height, width, device="meta"), [torch.Generator("cpu")])
+        seeds = list(range(batch))
+        image = torch.zeros(1, 3, height, width, device="meta")
+        if cfg.unet.in_channels == cfg.channels:
+            latents = pipe.txt2img_latents("plan", "", seeds, height, width, settings)
+            if encode:
+                pipe.encode(image, [torch.Generator("cpu")])
+        else:  # a 9-channel inpainting UNet samples only with its mask and masked-image latents
+            mask = torch.zeros(1, 1, height, width, device="meta")
+            latents = pipe.inpaint_latents("plan", "", seeds, image, mask, settings)
+        pipe.decode(latents)
     _clear_hooks(fragments)
     return dict(engine.peaks), engine.phase_bytes.get("sample", 0)
 

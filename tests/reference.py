@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing below may touch the network
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -68,26 +68,7 @@ def checkpoint(frags: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
 
 def ldm_config(cfg: SDConfig) -> dict:
     """`cfg` written out as the dict CompVis' v1-inference.yaml parses to (the converters read it)."""
-    u, v = cfg.unet, cfg.vae
-    return {"model": {"params": {
-        "linear_start": cfg.linear_start, "linear_end": cfg.linear_end, "timesteps": cfg.timesteps,
-        "scale_factor": cfg.scale_factor, "channels": cfg.channels,
-        "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
-            "image_size": 32, "in_channels": u.in_channels, "out_channels": u.out_channels,
-            "model_channels": u.model_channels, "attention_resolutions": list(u.attention_resolutions),
-            "num_res_blocks": u.num_res_blocks, "channel_mult": list(u.channel_mult),
-            "num_heads": u.num_heads, "use_spatial_transformer": True,
-            "transformer_depth": u.transformer_depth, "context_dim": u.context_dim,
-            "use_checkpoint": True, "legacy": False}},
-        "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
-            "embed_dim": v.embed_dim, "ddconfig": {
-                "double_z": v.double_z, "z_channels": v.z_channels, "resolution": v.resolution,
-                "in_channels": v.in_channels, "out_ch": v.out_ch, "ch": v.ch, "ch_mult": list(v.ch_mult),
-                "num_res_blocks": v.num_res_blocks, "attn_resolutions": list(v.attn_resolutions),
-                "dropout": 0.0}}},
-        "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
-                              "params": {"text_config": asdict(cfg.text)}},
-    }}}
+    return cfg.to_compvis()
 
 
 def diffusers_unet(cfg: SDConfig, ckpt: dict) -> UNet2DConditionModel:
@@ -172,9 +153,7 @@ def sd_v1_scheduler_config() -> dict:
 
 def write_yaml_config(cfg: SDConfig, path: Path) -> Path:
     """`cfg` as a CompVis-style YAML file, for `--config`."""
-    from omegaconf import OmegaConf
-
-    OmegaConf.save(OmegaConf.create(ldm_config(cfg)), str(path))
+    cfg.save_yaml(path)
     return path
 
 

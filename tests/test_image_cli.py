@@ -128,3 +128,21 @@ def test_scripts_run_and_list_their_flags(script, flags):
     assert result.returncode == 0, result.stderr
     for flag in flags:
         assert flag in result.stdout
+
+
+def test_planning_an_inpainting_checkpoint_run(tmp_path, capsys):
+    """A 9-channel UNet is planned through its own path (mask and masked-image latents as input)."""
+    import json
+    from dataclasses import replace
+
+    from optimizedSD.config import tiny_config
+
+    cfg = tiny_config()
+    yaml = tmp_path / "inpaint.yaml"
+    replace(cfg, unet=replace(cfg.unet, in_channels=9)).save_yaml(yaml)
+    picture((64, 64)).save(tmp_path / "in.png")
+    code, out, err = run("inpaint", ["--init-img", tmp_path / "in.png", "--mask", tmp_path / "in.png", "--device", "meta",
+                                     "--json", "--ddim_steps", 2, "--config", yaml, "--n_samples", 1, "--vram", "1G"],
+                         capsys)
+    assert code == 0, err
+    assert set(json.loads(out)["peak_bytes"]) == {"text", "encode", "sample", "decode"}

@@ -1,0 +1,190 @@
+"""The bundled demo model (weights/demo.safetensors, configs/demo.yaml) draws what its captions say.
+
+A simple pixel measure (`judge`) reads the colour at the place the caption names and the colour far
+from it; an image passes when they are the caption's shape colour and background colour (nearest
+of the six colours). The rates are printed with -s; each test asserts a floor below what the
+committed model scores, well above chance (1/6 per colour, 1/36 for both).
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from optimizedSD.checkpoint import load_fragments
+from optimizedSD.cli import DEMO_CKPT, DEMO_CONFIG, ROOT
+from optimizedSD.config import SDConfig
+from optimizedSD.demo_data import COLOURS, POSITIONS, SIZE, Scene, all_scenes, render
+from optimizedSD.images import to_pil
+from optimizedSD.inputs import image_tensor, mask_tensor, paste_back
+from optimizedSD.offload import Offloader
+from optimizedSD.pipeline import Pipeline, SampleSettings
+from optimizedSD.samplers import SAMPLERS
+
+PALETTE = np.array(list(COLOURS.values()), dtype=float)
+NAMES = list(COLOURS)
+
+
+def nearest_colour(rgb) -> str:
+    return NAMES[int(((PALETTE - np.asarray(rgb, float)) ** 2).sum(axis=1).argmin())]
+
+
+def _regions(image: Image.Image, position: str):
+    """(pixels as float RGB rows, pixels of a 4-pixel-radius disc at `position`'s centre, pixels more
+    than 40% of the side away from it)."""
+    a = np.asarray(image.convert("RGB"), dtype=float)
+    h, w, _ = a.shape
+    fx, fy = POSITIONS[position]
+    yy, xx = np.mgrid[0:h, 0:w]
+    d = np.hypot(xx + 0.5 - fx * w, yy + 0.5 - fy * h)
+    return a.reshape(-1, 3), a[d < 4 * w / SIZE], a[d > 0.4 * w]
+
+
+def judge(image: Image.Image, scene: Scene) -> bool:
+    """Everything the caption says: its shape colour at its place (median of the disc) and its
+    background colour far from it (median of the far pixels)."""
+    _, inner, outer = _regions(image, scene.position)
+    return (nearest_colour(np.median(inner, axis=0)) == scene.colour
+            and nearest_colour(np.median(outer, axis=0)) == scene.background)
+
+
+def judge_colours(image: Image.Image, scene: Scene) -> bool:
+    """The caption's colours, wherever the shape is: the background colour is the nearest colour of
+    most pixels, and the shape colour the most common other nearest colour (at least 3% of them)."""
+    pixels, _, _ = _regions(image, scene.position)
+    names = np.array([nearest_colour(p) for p in pixels])
+    counts = {c: int((names == c).sum()) for c in COLOURS}
+    background = max(counts, key=counts.get)
+    shape = max((c for c in COLOURS if c != background), key=counts.get)
+    return background == scene.background and shape == scene.colour and counts[shape] >= 0.03 * len(names)
+
+
+def test_judge_passes_every_training_scene_and_fails_wrong_captions():
+    rng = random.Random(0)
+    scenes = all_scenes()
+    assert len(scenes) == 450
+    assert all(judge(render(s, rng), s) for s in scenes)
+    wrong = [Scene(s.shape, s.background, s.colour, s.position) for s in scenes]  # colours swapped
+    assert not any(judge(render(s, rng), w) for s, w in zip(scenes, wrong))
+
+
+@pytest.fixture(scope="module")
+def demo():
+    cfg = SDConfig.from_yaml(ROOT / DEMO_CONFIG)
+    return Pipeline(cfg, Offloader(load_fragments(ROOT / DEMO_CKPT, cfg), torch.device("cpu")))
+
+
+def sample_scenes(n: int, seed: int) -> list[Scene]:
+    return random.Random(seed).sample(all_scenes(), n)
+
+
+def draw(demo, scene: Scene, seeds, sampler="ddim", steps=20, scale=7.5) -> list[Image.Image]:
+    latents = demo.txt2img_latents(scene.caption, "", list(seeds), SIZE, SIZE, SampleSettings(sampler, steps, scale))
+    return to_pil(demo.decode(latents))
+
+
+def test_the_demo_model_is_small_and_in_the_original_layout():
+    assert (ROOT / DEMO_CKPT).stat().st_size <= 20 * 10 ** 6
+    from optimizedSD.checkpoint import checkpoint_shapes, detect_family
+    assert detect_family(checkpoint_shapes(ROOT / DEMO_CKPT)) == "sd-v1"
+
+
+def test_demo_draws_the_captioned_colours(demo):
+    """Shape colour and background in nearly every image. Where the caption puts the shape is not
+    learnt yet: the place rate is printed, not asserted (issue 5 stays open on it)."""
+    scenes = sample_scenes(12, seed=1)
+    drawn = [(im, s) for s in scenes for im in draw(demo, s, seeds=[0, 1])]
+    colours = sum(judge_colours(im, s) for im, s in drawn)
+    placed = sum(judge(im, s) for im, s in drawn)
+    print(f"txt2img, 12 captions x 2 seeds, DDIM 20 steps: colours right {colours}/24, "
+          f"colours and place right {placed}/24 (chance: 1/5 of the colour-right ones)")
+    assert colours >= 20
+
+
+MULTISTEP = {"lms", "plms"}  # diverge on this model at scale 7.5 in 20 steps (garish noise); see README
+
+
+@pytest.mark.parametrize("sampler", [pytest.param(s, marks=pytest.mark.xfail(strict=True, reason="diverges on the demo model"))
+                                     if s in MULTISTEP else s for s in sorted(SAMPLERS)])
+def test_every_sampler_draws_the_captioned_colours(demo, sampler):
+    scenes = sample_scenes(4, seed=2)
+    results = [judge_colours(draw(demo, s, seeds=[3], sampler=sampler)[0], s) for s in scenes]
+    print(f"{sampler}: {sum(results)}/4 pass")
+    assert sum(results) >= 3
+
+
+def test_img2img_at_low_strength_keeps_the_layout(demo):
+    """Start from a rendered scene, prompt another shape colour: at strength 0.3 the picture keeps the
+    input's layout (a shape at its place, its background) and takes the prompt's colour; at 1.0 the
+    input is gone and the prompt's colours are drawn."""
+    kept, drawn = 0, 0
+    scenes = sample_scenes(6, seed=3)
+    for i, scene in enumerate(scenes):
+        other = next(c for c in COLOURS if c not in (scene.colour, scene.background))
+        prompt = Scene(scene.shape, other, scene.background, scene.position)
+        init = image_tensor(render(scene))
+        for strength in (0.3, 1.0):
+            latents = demo.img2img_latents(prompt.caption, "", [i], init, SampleSettings("ddim", 20), strength)
+            image = to_pil(demo.decode(latents))[0]
+            if strength < 1:
+                kept += judge(image, prompt)  # the prompt's scene has the input's place and background
+            else:
+                drawn += judge_colours(image, prompt)
+    print(f"img2img: strength 0.3 keeps the layout {kept}/6; strength 1.0 draws the prompt's colours {drawn}/6")
+    assert kept >= 5 and drawn >= 5
+
+
+def test_inpainting_changes_only_the_masked_quadrant_and_fills_it_coherently(demo):
+    """A circle in one corner, the opposite quadrant masked, a prompt for a new shape there: every
+    unmasked pixel is the original's, and the quadrant is filled with the scene's colours (its
+    background, or the new shape's colour), not noise. Whether the new shape lands in the quadrant
+    depends on place, which the demo model has not learnt: that rate is printed only."""
+    coherent, new_shape = 0, 0
+    for i, (colour, background) in enumerate([("red", "blue"), ("yellow", "black"), ("white", "green"),
+                                              ("blue", "yellow")]):
+        original = render(Scene("circle", colour, background, "top left"))
+        wanted = Scene("square", next(c for c in COLOURS if c not in (colour, background)), background,
+                       "bottom right")
+        m = np.zeros((SIZE, SIZE), np.uint8)
+        m[SIZE // 2:, SIZE // 2:] = 255
+        mask = Image.fromarray(m)
+        latents = demo.inpaint_latents(wanted.caption, "", [i], image_tensor(original), mask_tensor(mask),
+                                       SampleSettings("ddim", 20))
+        result = paste_back(to_pil(demo.decode(latents))[0], original, mask)
+        a, o = np.asarray(result), np.asarray(original)
+        assert np.array_equal(a[m == 0], o[m == 0])
+        quadrant = [nearest_colour(p) for p in a[SIZE // 2:, SIZE // 2:].reshape(-1, 3)]
+        coherent += sum(q in (background, wanted.colour) for q in quadrant) >= 0.9 * len(quadrant)
+        new_shape += quadrant.count(wanted.colour) >= 0.05 * len(quadrant)
+    print(f"inpainting: quadrant in the scene's colours {coherent}/4; the new shape's colour there {new_shape}/4")
+    assert coherent >= 3
+
+
+def test_training_script_writes_a_loadable_model(tmp_path):
+    """A few steps of train_demo.py: the files load with the ordinary loader (the full run is in the README)."""
+    from optimizedSD.train_demo import main
+
+    out, config = tmp_path / "demo.safetensors", tmp_path / "demo.yaml"
+    assert main(["--out", str(out), "--config-out", str(config), "--images", "64", "--vae-steps", "2",
+                 "--steps", "2", "--batch", "4"]) == 0
+    cfg = SDConfig.from_yaml(config)
+    fragments = load_fragments(out, cfg)
+    assert set(fragments) == {"text_encoder", "unet_in", "unet_out", "vae"}
+    assert cfg.unet.context_dim == cfg.text.hidden_size == 64 and cfg.scale_factor != 0.18215
+    shipped = SDConfig.from_yaml(ROOT / DEMO_CONFIG)
+    assert (cfg.unet, cfg.vae, cfg.text) == (shipped.unet, shipped.vae, shipped.text)
+
+
+def test_demo_flag_writes_a_64px_image(tmp_path, capsys):
+    from test_cli import run_cli
+
+    code, out, err = run_cli(["--demo", "--prompt", "a red circle on a blue background, top left", "--seed", 0,
+                              "--n_samples", 1, "--outdir", tmp_path, "--device", "cpu", "--skip_grid"], capsys)
+    assert code == 0, err
+    image = Image.open(next(Path(tmp_path).rglob("seed_0_*.png")))
+    assert image.size == (SIZE, SIZE)
+    assert image.text["checkpoint"] == "demo.safetensors"
