@@ -101,14 +101,21 @@ def sample_euler_ancestral(denoise, x, sigmas, extra_args=None, callback=None, e
     """Ancestral Euler: an Euler step down to sigma_down, then fresh noise of std sigma_up
     (`ancestral_step`); the reverse-time SDE sampled as DDPM's ancestral sampling does (Ho et al.
     2020), in k-diffusion's form (`sample_euler_ancestral`)."""
+    return _ancestral(denoise, x, sigmas, extra_args, callback, eta, noise_sampler,
+                      lambda x, d, sigma, sigma_down: x + d * (sigma_down - sigma))
+
+
+def _ancestral(denoise, x, sigmas, extra_args, callback, eta, noise_sampler, step):
+    """The loop of the ancestral samplers: `step(x, d, sigma, sigma_down)` goes deterministically
+    down to sigma_down (d = the slope at sigma), then noise of std sigma_up is added
+    (`ancestral_step`)."""
     extra_args = {} if extra_args is None else extra_args
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     s = sigmas.tolist()
     for i in range(len(s) - 1):
         denoised = _denoise_step(denoise, x, sigmas, i, extra_args, callback)
         sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
-        d = (x - denoised) / s[i]
-        x = x + d * (sigma_down - s[i])
+        x = step(x, (x - denoised) / s[i], s[i], sigma_down)
         if sigma_up > 0:
             x = x + sigma_up * noise_sampler(sigmas[i], sigmas[i + 1])
     return x
@@ -168,20 +175,12 @@ def sample_dpm2_ancestral(denoise, x, sigmas, extra_args=None, callback=None, et
                           noise_sampler: NoiseSampler | None = None):
     """Ancestral DPM2: the DPM2 step goes down to sigma_down, then noise of std sigma_up is added
     (`ancestral_step`; k-diffusion `sample_dpm_2_ancestral`)."""
-    extra_args = {} if extra_args is None else extra_args
-    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
-    s = sigmas.tolist()
-    for i in range(len(s) - 1):
-        denoised = _denoise_step(denoise, x, sigmas, i, extra_args, callback)
-        sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
-        d = (x - denoised) / s[i]
-        if sigma_down == 0:
-            x = x + d * (sigma_down - s[i])
-        else:
-            x = _dpm2_step(denoise, x, d, s[i], sigma_down, extra_args)
-        if sigma_up > 0:
-            x = x + sigma_up * noise_sampler(sigmas[i], sigmas[i + 1])
-    return x
+    args = {} if extra_args is None else extra_args
+
+    def step(x, d, sigma, sigma_down):  # DPM2 down to sigma_down; Euler when that is 0
+        return x + d * (sigma_down - sigma) if sigma_down == 0 else _dpm2_step(denoise, x, d, sigma, sigma_down, args)
+
+    return _ancestral(denoise, x, sigmas, args, callback, eta, noise_sampler, step)
 
 
 # --- linear multistep -----------------------------------------------------------------------------------
