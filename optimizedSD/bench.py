@@ -86,7 +86,7 @@ def format_row(row: dict, first: bool) -> str:
         peaks = row["peak_bytes"]
         line = (f"| {row['config']} | {row['size']}² | {row['seconds_per_image']:.2f} | {row['seconds_per_step']:.3f} | "
                 f"{gib(peaks.get('text'))} | {gib(peaks.get('sample'))} | {gib(peaks.get('decode'))} | "
-                f"{gib(row['host_to_device_bytes_per_step'])} | {row['unet_bs']} | {'yes' if row['tiled_decode'] else 'no'} | "
+                f"{gib(row['host_to_device_bytes_per_step'])} | {row['unet_bs']} | {'yes' if row['tiled_vae'] else 'no'} | "
                 f"{gib(row['host_ram_peak_bytes'])} |")
     return (head if first else "") + line
 

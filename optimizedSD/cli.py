@@ -97,10 +97,10 @@ def build_parser(kind: str = "txt2img") -> argparse.ArgumentParser:
     a("--unet_bs", type=int, default=1, help="latents passed through each UNet half at once")
     a("--turbo", action="store_true", help="keep both UNet halves on the device while sampling (faster, more VRAM)")
     a("--lowvram", action="store_true",
-      help="stream the UNet block by block: the lowest device memory (slower)")
+      help="stream the UNet block by block and encode/decode in VAE tiles: the lowest device memory (slower)")
     a("--vram", type=str, default=None, metavar="SIZE",
       help="device memory budget, e.g. 2G or 1536M: keeps as much of the UNet on the device as fits, streams "
-           "the rest block by block, and picks --unet_bs, images at once and tiled decoding to fit")
+           "the rest block by block, and picks --unet_bs, images at once and tiled VAE encoding/decoding to fit")
     a("--json", action="store_true", help="print the run's figures (memory per phase, timings) as one JSON object")
     a("--precision", type=str, default="autocast", choices=["autocast", "full"],
       help="autocast: fp16 weights and autocast on CUDA; full: fp32 (CPU always runs fp32)")
@@ -403,7 +403,12 @@ def generate(args) -> dict:
                             latents = latents_of(pipe, prompt, chunk, lambda _: bar.update(1))
                             sample_seconds += time.perf_counter() - t0
                     except torch.cuda.OutOfMemoryError:
-                        batch_size = _smaller(pipe, batch_size, len(chunk))
+                        if engine.failed_phase == "encode" and not pipe.tile:
+                            torch.cuda.empty_cache()
+                            pipe.tile = True
+                            warn("out of GPU memory while encoding the init image; retrying with tiled VAE")
+                        else:
+                            batch_size = _smaller(pipe, batch_size, len(chunk))
                         continue
                     sampled_steps += steps
                     x = _decode_retrying(pipe, latents)
@@ -428,7 +433,7 @@ def generate(args) -> dict:
                    seconds_per_image=round(seconds / total, 3),
                    seconds_per_step=round(sample_seconds / max(1, sampled_steps), 4), mode=plan.mode,
                    resident_blocks=len(plan.resident), unet_bs=pipe.unet_bs, images_at_once=batch_size,
-                   tiled_decode=pipe.tile, peak_bytes={k: v for k, v in engine.peaks.items()},
+                   tiled_vae=pipe.tile, peak_bytes={k: v for k, v in engine.peaks.items()},
                    host_to_device_bytes_per_step=engine.phase_bytes.get("sample", 0) // max(1, sampled_steps),
                    fp16_decodes_redone_in_fp32=pipe.redone_in_fp32)
     if pipe.redone_in_fp32:

@@ -102,6 +102,7 @@ class Offloader:
         self.peaks: dict[str, int] = {}  # phase -> peak device bytes (where the meter can tell)
         self.phase_bytes: dict[str, int] = {}  # phase -> host->device bytes moved during it
         self._phase: str | None = None
+        self.failed_phase: str | None = None  # the phase the last exception left (out-of-memory retries)
         # The host masters, captured once: unit -> [(owner module, kind, name, cpu parameter/buffer)].
         self._masters = {u: [t for m in ms for t in _tensors(m)] for u, ms in modules.items()}
         self._prefetched: dict[str, tuple] = {}  # unit -> (event or None, [device copies])
@@ -212,6 +213,9 @@ class Offloader:
                 if unit in resident:
                     self._load(unit)
             yield self
+        except BaseException:
+            self.failed_phase = phase
+            raise
         finally:
             for unit in list(self.on_device):
                 self._drop(unit)

@@ -18,10 +18,10 @@ from .fragments import TEXT_ENCODER, UNET_IN, UNET_OUT
 from .offload import VAE_DECODER, VAE_ENCODER, Offloader
 from .prompts import parse_weighted
 from .samplers import SAMPLERS, EpsDenoiser, KnownRegion, Schedule, make_plan, strength_steps, takes_noise
-from .tiling import decode_safe, decode_tiled
+from .tiling import decode_safe, decode_tiled, encode_tiled
 from .tokenizer import get_tokenizer
 
-TILE = 64  # latent pixels per side of a decode tile (512 image pixels), overlapping by 16
+TILE = 64  # latent pixels per side of a VAE tile (512 image pixels), overlapping by 16
 
 # Precision policy, in one place: which dtype the fragments' weights take on each device.
 # "autocast" means fp16 weights and torch.autocast on CUDA; everything else computes in fp32.
@@ -61,7 +61,7 @@ class Pipeline:
         self.device = engine.device
         self.dtype = dtype
         self.unet_bs = max(1, int(unet_bs))
-        self.tile = tile  # decode in overlapping tiles (tiling.py), for large images on little memory
+        self.tile = tile  # encode and decode in overlapping tiles (tiling.py), for large images on little memory
         self.long_prompts = long_prompts  # encode prompts whole in 75-token chunks, not cut at 75 (conditioning)
         self.redone_in_fp32 = 0  # images whose fp16 decode overflowed and was redone in fp32
         self.schedule = self.schedule_of(cfg)
@@ -184,9 +184,12 @@ class Pipeline:
     def encode(self, image: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """One image (1, 3, H, W) in [-1, 1] -> scaled latents (len(generators), C, H/f, W/f): for each
         generator a sample of the VAE encoder's posterior, mean + std * randn drawn from it on the
-        CPU (the reference's `latent_dist.sample(generator)`), times the latent scale."""
+        CPU (the reference's `latent_dist.sample(generator)`), times the latent scale; in tiles when
+        `self.tile`."""
         with self.engine.phase("encode"), self.engine.use(VAE_ENCODER) as vae, self._autocast():
-            mean, logvar = (m.float() for m in vae.encode(image.to(self.device, self.dtype)))
+            x = image.to(self.device, self.dtype)
+            moments = encode_tiled(vae, x, self.cfg.downsample_factor, TILE) if self.tile else vae.encode(x)
+            mean, logvar = (m.float() for m in moments)
         std = (0.5 * logvar).exp()
         draws = torch.cat([torch.randn(mean.shape, generator=g) for g in generators]).to(self.device)
         return (mean + std * draws) * self.cfg.scale_factor

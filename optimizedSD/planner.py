@@ -4,7 +4,7 @@
 activations on `meta`, under a `MetaMeter`: the live meta storages are what a CUDA run would hold,
 so its figures are the planned peak device bytes of each phase (a sampling step's peak is the same
 at every step). `plan_budget` searches the settings that fit a `--vram` budget: first the number of
-images sampled at once, `unet_bs` and tiled decoding at the lowest residency, then as many UNet
+images sampled at once, `unet_bs` and tiled VAE encoding/decoding at the lowest residency, then as many UNet
 blocks resident as still fit (a prefix of the blocks in run order: the input half first).
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ class MemoryPlan:
     resident: tuple[str, ...] = ()  # UNet blocks kept on the device while sampling ("stream")
     batch: int | None = None  # images sampled at once (None: all of --n_samples)
     unet_bs: int = 1
-    tile: bool = False  # tiled VAE decode
+    tile: bool = False  # tiled VAE encode and decode
     peaks: dict = field(default_factory=dict, compare=False)  # predicted phase -> bytes
 
     def peak(self) -> int:
@@ -115,8 +115,8 @@ def plan_budget(cfg: SDConfig, dtype: torch.dtype, budget: int, height: int, wid
                 lowest = plan if lowest is None or plan.peak() < lowest.peak() else lowest
                 if plan.peak() <= budget:
                     return _most_resident(cfg, dtype, plan, budget, height, width, guided, encode)
-                if peaks.get("decode", 0) <= budget:
-                    break  # tiling cannot help: decoding already fits
+                if max(peaks.get("decode", 0), peaks.get("encode", 0)) <= budget:
+                    break  # tiling cannot help: the VAE already fits
     raise PlanError(f"--vram {gib(budget)} is too small for {width}x{height}: the lowest setting needs "
                     f"{gib(lowest.peak())}; use a smaller size or a larger --vram")
 
@@ -153,4 +153,4 @@ def describe(plan: MemoryPlan, n_units: int) -> str:
     where = {"default": "one UNet half on the device at a time", "turbo": "whole UNet on the device",
              "stream": f"{len(plan.resident)} of {n_units} UNet blocks resident, the rest streamed"}[plan.mode]
     batch = f"{plan.batch} image(s) at once, " if plan.batch else ""
-    return f"memory: {where}; {batch}--unet_bs {plan.unet_bs}{'; tiled VAE decode' if plan.tile else ''}"
+    return f"memory: {where}; {batch}--unet_bs {plan.unet_bs}{'; tiled VAE' if plan.tile else ''}"

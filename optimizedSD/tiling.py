@@ -1,9 +1,10 @@
-"""Robust VAE decoding: overlapping latent tiles, an fp32 redo when fp16 overflows, and the decode
-memory model a planner uses to decide when to tile.
+"""Robust VAE decoding and encoding: overlapping latent tiles, an fp32 redo when fp16 overflows, and
+the decode memory model a planner uses to decide when to tile.
 
-All functions take the latent the VAE's `decode` takes (already divided by the latent scale),
-(B, z_channels, h, w); a tile's pixels are its latent pixels times the decoder's upsampling factor
-(8 for SD v1), which is read off the first decoded tile rather than assumed.
+Tiles are laid out on the latent grid, (B, z_channels, h, w), the latent the VAE's `decode` takes
+(already divided by the latent scale). To decode, a tile's pixels are its latent pixels times the
+decoder's upsampling factor (8 for SD v1), read off the first decoded tile rather than assumed; to
+encode, a tile is that many image pixels per latent pixel.
 """
 from __future__ import annotations
 
@@ -44,31 +45,34 @@ def _ramps(starts: list[int], size: int, f: int) -> list[torch.Tensor]:
     return out
 
 
-def _tiled(decode, z: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+def _tiled(fn, x: torch.Tensor, tile: int, overlap: int, down: int = 1) -> torch.Tensor:
+    """`fn(x)` on overlapping tiles of `x`, blended. Tiles are laid out on a grid of latent pixels:
+    one grid unit is `down` pixels of `x` (1 to decode a latent, the VAE's f to encode an image) and
+    as many pixels of `fn`'s output as it returns per unit (f to decode, 1 to encode)."""
     if not 0 <= overlap < tile:
-        raise ValueError(f"tiled decode needs 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
-    h, w = z.shape[-2:]
+        raise ValueError(f"tiled VAE needs 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
+    h, w = x.shape[-2] // down, x.shape[-1] // down
     ys, xs = _starts(h, tile, overlap), _starts(w, tile, overlap)
     if len(ys) == len(xs) == 1:
-        return decode(z)
+        return fn(x)
     th, tw = min(tile, h), min(tile, w)
     out = wy = wx = None
     for i, y in enumerate(ys):
-        for j, x in enumerate(xs):
-            part = decode(z[..., y:y + th, x:x + tw])  # (B, 3, th * f, tw * f)
+        for j, x0 in enumerate(xs):
+            part = fn(x[..., y * down:(y + th) * down, x0 * down:(x0 + tw) * down])  # (B, C, th * f, tw * f)
             if out is None:
                 f = part.shape[-1] // tw
                 out = part.new_zeros((*part.shape[:2], h * f, w * f), dtype=torch.float32)
                 wy = [r.to(part.device) for r in _ramps(ys, th, f)]
                 wx = [r.to(part.device) for r in _ramps(xs, tw, f)]
-            out[..., y * f:(y + th) * f, x * f:(x + tw) * f] += part.float() * (wy[i][:, None] * wx[j])
+            out[..., y * f:(y + th) * f, x0 * f:(x0 + tw) * f] += part.float() * (wy[i][:, None] * wx[j])
     # Normalise by the summed weights (1 wherever at most two tiles meet along each axis).
     total_y = torch.zeros(h * f, device=out.device)
     total_x = torch.zeros(w * f, device=out.device)
     for y, r in zip(ys, wy):
         total_y[y * f:(y + th) * f] += r
-    for x, r in zip(xs, wx):
-        total_x[x * f:(x + tw) * f] += r
+    for x0, r in zip(xs, wx):
+        total_x[x0 * f:(x0 + tw) * f] += r
     return (out / (total_y[:, None] * total_x)).to(part.dtype)
 
 
@@ -82,6 +86,21 @@ def decode_tiled(vae, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> tor
     tile instead of the whole latent. Peak memory is one tile's decode plus the fp32 output.
     """
     return _tiled(vae.decode, z, tile, overlap)
+
+
+def encode_tiled(vae, image: torch.Tensor, f: int, tile: int = 64, overlap: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """`vae.encode(image)` computed on overlapping image tiles of (tile * f)^2 pixels, the posterior's
+    mean and logvar blended with linear ramps on the latent grid, as `decode_tiled` blends pixels.
+
+    image: (B, 3, H, W), H and W multiples of the VAE's downsampling factor `f` -> (mean, logvar),
+    each (B, C, H / f, W / f). An image that fits one tile is encoded whole (identical to
+    `vae.encode`); larger ones differ slightly from untiled encoding, for the same reasons as tiled
+    decoding. Peak memory is one tile's encode plus the fp32 moments.
+    """
+    if image.shape[-2] % f or image.shape[-1] % f:
+        raise ValueError(f"tiled encode needs an image whose sides are multiples of {f}, got {tuple(image.shape[-2:])}")
+    moments = _tiled(lambda x: torch.cat(vae.encode(x), dim=1), image, tile, overlap, down=f)
+    return moments.chunk(2, dim=1)
 
 
 # ---- fp16 overflow ----------------------------------------------------------------------------

@@ -82,6 +82,33 @@ def test_planning_an_img2img_run_counts_the_encoder(tiny_model, tmp_path, capsys
     assert not (tmp_path / "outputs").exists()
 
 
+def test_out_of_memory_while_encoding_retries_with_tiled_vae(tiny_model, tmp_path, capsys, monkeypatch):
+    """The init image's encoding runs out of GPU memory once: the run switches to tiled VAE (not a
+    smaller batch), says so, and writes the image a run that never ran out of memory writes."""
+    import torch
+
+    from optimizedSD.vae import AutoencoderKL
+
+    picture((48, 48)).save(tmp_path / "in.png")
+    common = ["--init-img", tmp_path / "in.png", "--strength", 0.8, "--skip_grid"]
+    assert run("img2img", base_args(tiny_model, tmp_path / "plain", *common), capsys)[0] == 0
+    encode, calls = AutoencoderKL.encode, []
+
+    def encode_once_short(self, x):
+        calls.append(x.shape)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return encode(self, x)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", encode_once_short)
+    code, _, err = run("img2img", base_args(tiny_model, tmp_path / "tight", *common), capsys)
+    assert code == 0, err
+    assert "out of GPU memory while encoding the init image; retrying with tiled VAE" in err
+    assert "while sampling" not in err and len(calls) == 2
+    plain, tight = (np.asarray(Image.open(tmp_path / f"{d}/a_boat/seed_5_00000.png")).astype(int) for d in ("plain", "tight"))
+    assert np.abs(plain - tight).max() <= 1
+
+
 IMG2IMG_BAD = {
     "missing init image": (["--init-img", "{tmp}/none.png"], "init image not found: "),
     "init image not an image": (["--init-img", "{tmp}/notes.txt"], "is not an image PIL can read"),

@@ -72,6 +72,16 @@ def test_2048_fits_in_4g():
     assert plan.tile  # an untiled decode of 2048x2048 does not fit
 
 
+def test_tiled_encode_keeps_a_large_img2img_low():
+    """Untiled, encoding a 2048x2048 init image holds full-resolution 128-channel fp16 maps
+    (128 * 2048^2 * 2 bytes = 1 GiB each, at least two at once); in 512x512-pixel tiles it holds one
+    tile's (64 MiB each) plus the 65 MiB encoder."""
+    untiled, _ = predict(CFG, FP16, MemoryPlan("stream"), 2048, 2048, 1, encode=True)
+    tiled, _ = predict(CFG, FP16, MemoryPlan("stream", tile=True), 2048, 2048, 1, encode=True)
+    assert untiled["encode"] >= 2 * GiB and tiled["encode"] <= 0.5 * GiB
+    assert tiled["sample"] == untiled["sample"]  # tiles change the VAE only
+
+
 def test_cli_plans_without_a_checkpoint(tmp_path, capsys, monkeypatch):
     from optimizedSD.cli import main
 
