@@ -5,6 +5,7 @@ not saved).
     python optimizedSD/bench.py --device meta --sizes 512 768 1024 2048          # planned, full-size model
     python optimizedSD/bench.py --device cpu --config configs/tiny.yaml --ckpt t.ckpt --sizes 64
     python optimizedSD/bench.py --device cuda --configs lowvram default vram=2G vram=4G turbo --json
+    python optimizedSD/bench.py --load sd-v1-4-fp32.safetensors   # host RAM of loading fp16 fragments
 
 On `meta` no checkpoint is read and the figures are the planner's; on CPU nothing moves between
 devices, so only the timings mean something.
@@ -50,7 +51,12 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=None)
     p.add_argument("--precision", default="autocast", choices=["autocast", "full"])
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of a table")
+    p.add_argument("--load", metavar="CKPT", default=None,
+                   help="instead: load CKPT into fp16 fragments and report this process's host RAM peak "
+                        "against the torch baseline and the fp16 weights (run it in a fresh process)")
     args = p.parse_args(argv)
+    if args.load:
+        return bench_load(args.load, args.config, args.json)
     steps = args.steps or (1 if args.device == "meta" else 20)
     rows = []
     with tempfile.TemporaryDirectory() as out:
@@ -74,6 +80,37 @@ def main(argv=None) -> int:
                     print(format_row(rows[-1], first=len(rows) == 1), flush=True)
     if args.json:
         print(json.dumps(rows))
+    return 0
+
+
+def bench_load(ckpt: str, config: str | None, as_json: bool) -> int:
+    """Host RAM of loading a checkpoint into the fp16 fragments a CUDA autocast run keeps on the host.
+
+    The baseline is this process's peak resident set before the load (Python, torch and this
+    package imported); the peak is after it. Both are ru_maxrss, so file pages mapped while reading
+    count too."""
+    import time
+
+    import torch
+
+    from optimizedSD.checkpoint import load_fragments
+    from optimizedSD.config import SDConfig
+
+    cfg = SDConfig.from_yaml(config) if config else SDConfig()
+    baseline = host_ram_peak()
+    start = time.perf_counter()
+    fragments = load_fragments(ckpt, cfg, dtype=torch.float16)
+    seconds = time.perf_counter() - start
+    peak = host_ram_peak()
+    weights = sum(t.numel() * t.element_size() for m in fragments.values() for t in m.state_dict().values())
+    row = dict(checkpoint=ckpt, seconds=round(seconds, 2), baseline_bytes=baseline, peak_bytes=peak,
+               fp16_weights_bytes=weights, peak_over_baseline_per_weights=round((peak - baseline) / weights, 3))
+    if as_json:
+        print(json.dumps(row))
+    else:
+        print(f"loaded {ckpt} into fp16 fragments in {seconds:.1f} s: host RAM peak {peak / 2**30:.2f} GiB = "
+              f"torch baseline {baseline / 2**30:.2f} GiB + {(peak - baseline) / 2**30:.2f} GiB, "
+              f"{row['peak_over_baseline_per_weights']:.3f}x the fp16 weights ({weights / 2**30:.2f} GiB)")
     return 0
 
 
