@@ -64,6 +64,7 @@ class Pipeline:
         self.tile = tile  # encode and decode in overlapping tiles (tiling.py), for large images on little memory
         self.long_prompts = long_prompts  # encode prompts whole in 75-token chunks, not cut at 75 (conditioning)
         self.redone_in_fp32 = 0  # images whose fp16 decode overflowed and was redone in fp32
+        self._posterior = None  # (image, mean, std) of the last image encoded (`encode`)
         self.schedule = self.schedule_of(cfg)
 
     @staticmethod
@@ -184,15 +185,19 @@ class Pipeline:
     def encode(self, image: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """One image (1, 3, H, W) in [-1, 1] -> scaled latents (len(generators), C, H/f, W/f): for each
         generator a sample of the VAE encoder's posterior, mean + std * randn drawn from it on the
-        CPU (the reference's `latent_dist.sample(generator)`), times the latent scale; in tiles when
-        `self.tile`."""
-        with self.engine.phase("encode"), self.engine.use(VAE_ENCODER) as vae, self._autocast():
-            x = image.to(self.device, self.dtype)
-            moments = encode_tiled(vae, x, self.cfg.downsample_factor, TILE) if self.tile else vae.encode(x)
-            mean, logvar = (m.float() for m in moments)
-        std = (0.5 * logvar).exp()
-        draws = torch.cat([torch.randn(mean.shape, generator=g) for g in generators]).to(self.device)
-        return (mean + std * draws) * self.cfg.scale_factor
+        CPU (the reference's `latent_dist.sample(generator)`), times the latent scale. The encoder
+        runs (in tiles when `self.tile`) once per image: the posterior is kept, on the host, for the
+        run's later batches of the same image tensor."""
+        if self._posterior is None or self._posterior[0] is not image:
+            with self.engine.phase("encode"), self.engine.use(VAE_ENCODER) as vae, self._autocast():
+                x = image.to(self.device, self.dtype)
+                moments = encode_tiled(vae, x, self.cfg.downsample_factor, TILE) if self.tile else vae.encode(x)
+                # to the host (planning: the same placement, no values)
+                mean, logvar = (torch.zeros(m.shape) if m.is_meta else m.float().cpu() for m in moments)
+            self._posterior = (image, mean, (0.5 * logvar).exp())
+        _, mean, std = self._posterior
+        draws = torch.cat([torch.randn(mean.shape, generator=g) for g in generators])
+        return ((mean + std * draws) * self.cfg.scale_factor).to(self.device)
 
     def _start(self, prompt: str, negative_prompt: str, seeds: list[int]):
         """(cond, uncond) expanded to the batch, and image i's CPU generator seeded `seeds[i]`."""

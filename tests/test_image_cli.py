@@ -82,6 +82,25 @@ def test_planning_an_img2img_run_counts_the_encoder(tiny_model, tmp_path, capsys
     assert not (tmp_path / "outputs").exists()
 
 
+def test_the_init_image_is_encoded_once_per_run(tiny_model, tmp_path, capsys, monkeypatch):
+    """Two iterations (two sampling batches) of one init image: one encoder pass, and the second
+    batch's images are those a run starting at its seed writes."""
+    from optimizedSD.vae import AutoencoderKL
+
+    picture((48, 48)).save(tmp_path / "in.png")
+    common = ["--init-img", tmp_path / "in.png", "--strength", 0.8, "--skip_grid"]
+    encode, calls = AutoencoderKL.encode, []
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x: calls.append(1) or encode(self, x))
+    assert run("img2img", base_args(tiny_model, tmp_path / "two", *common, "--n_iter", 2), capsys)[0] == 0
+    assert len(calls) == 1
+    args = base_args(tiny_model, tmp_path / "one", *common)
+    args[args.index("--seed") + 1] = 6
+    assert run("img2img", args, capsys)[0] == 0
+    second = np.asarray(Image.open(tmp_path / "two/a_boat/seed_6_00001.png")).astype(int)
+    alone = np.asarray(Image.open(tmp_path / "one/a_boat/seed_6_00000.png")).astype(int)
+    assert np.abs(second - alone).max() <= 1
+
+
 def test_out_of_memory_while_encoding_retries_with_tiled_vae(tiny_model, tmp_path, capsys, monkeypatch):
     """The init image's encoding runs out of GPU memory once: the run switches to tiled VAE (not a
     smaller batch), says so, and writes the image a run that never ran out of memory writes."""
