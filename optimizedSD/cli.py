@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent  # the repo, or the CompVis checko
 COMPVIS_CKPT = Path("models/ldm/stable-diffusion-v1/model.ckpt")
 DEMO_CKPT, DEMO_CONFIG = Path("weights/demo.safetensors"), Path("configs/demo.yaml")  # under ROOT; train_demo.py
 DEMO_SIZE = 64  # what the demo model was trained at
+DEMO_SCALE = 3.0  # its guidance scale: at 7.5 the multistep samplers (lms, plms) diverge on it in 20 steps
 CKPT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth")
 
 
@@ -82,7 +83,8 @@ def build_parser(kind: str = "txt2img") -> argparse.ArgumentParser:
     a("--plms", action="store_true", help="same as --sampler plms")
     a("--ddim_steps", type=int, default=50, help="number of sampling steps")
     a("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic); ddim only")
-    a("--scale", type=float, default=7.5, help="classifier-free guidance scale (1 = no guidance)")
+    a("--scale", type=float, default=None,
+      help=f"classifier-free guidance scale (1 = no guidance; default: 7.5, or {DEMO_SCALE:g} with --demo)")
     a("--n_samples", type=int, default=5, help="images generated at once (one batch)")
     a("--n_iter", type=int, default=1, help="batches per prompt")
     a("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
@@ -448,7 +450,8 @@ def generate(args) -> dict:
 
 def use_demo(args) -> None:
     """--demo: the bundled demo model and its config (unless --ckpt/--config say otherwise), its
-    64x64 size for txt2img and the ddim sampler; without it 512x512 and plms, unless flags say otherwise."""
+    64x64 size for txt2img, the ddim sampler and guidance scale 3; without it 512x512, plms and 7.5,
+    unless flags say otherwise."""
     if args.demo:
         for flag, path in (("ckpt", DEMO_CKPT), ("config", DEMO_CONFIG)):
             if getattr(args, flag) is None:
@@ -456,8 +459,10 @@ def use_demo(args) -> None:
                     raise UsageError(f"the demo model's {path} is missing from {ROOT}; "
                                      f"run python optimizedSD/train_demo.py to make it")
                 setattr(args, flag, str(ROOT / path))
-    if args.sampler is None:  # plms, as CompVis; the multistep samplers diverge on the demo model
+    if args.sampler is None:  # plms, as CompVis
         args.sampler = "ddim" if args.demo else "plms"
+    if args.scale is None:
+        args.scale = DEMO_SCALE if args.demo else 7.5
     if args.kind == "txt2img":
         size = DEMO_SIZE if args.demo else 512
         args.H, args.W = (size if args.H is None else args.H), (size if args.W is None else args.W)

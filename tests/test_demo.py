@@ -2,8 +2,9 @@
 
 A simple pixel measure (`judge`) reads the colour at the place the caption names and the colour far
 from it; an image passes when they are the caption's shape colour and background colour (nearest
-of the six colours). The rates are printed with -s; each test asserts a floor below what the
-committed model scores, well above chance (1/6 per colour, 1/36 for both).
+of the six colours) and the shape colour at the caption's place. The rates are printed with -s; each
+test asserts a floor below what the committed model scores, well above chance (1/6 per colour, 1/5
+for the place).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 from optimizedSD.checkpoint import load_fragments
-from optimizedSD.cli import DEMO_CKPT, DEMO_CONFIG, ROOT
+from optimizedSD.cli import DEMO_CKPT, DEMO_CONFIG, DEMO_SCALE, ROOT
 from optimizedSD.config import SDConfig
 from optimizedSD.demo_data import COLOURS, POSITIONS, SIZE, Scene, all_scenes, render
 from optimizedSD.images import to_pil
@@ -82,7 +83,7 @@ def sample_scenes(n: int, seed: int) -> list[Scene]:
     return random.Random(seed).sample(all_scenes(), n)
 
 
-def draw(demo, scene: Scene, seeds, sampler="ddim", steps=20, scale=7.5) -> list[Image.Image]:
+def draw(demo, scene: Scene, seeds, sampler="ddim", steps=20, scale=DEMO_SCALE) -> list[Image.Image]:
     latents = demo.txt2img_latents(scene.caption, "", list(seeds), SIZE, SIZE, SampleSettings(sampler, steps, scale))
     return to_pil(demo.decode(latents))
 
@@ -93,34 +94,29 @@ def test_the_demo_model_is_small_and_in_the_original_layout():
     assert detect_family(checkpoint_shapes(ROOT / DEMO_CKPT)) == "sd-v1"
 
 
-def test_demo_draws_the_captioned_colours(demo):
-    """Shape colour and background in nearly every image. Where the caption puts the shape is not
-    learnt yet: the place rate is printed, not asserted (issue 5 stays open on it)."""
+def test_demo_draws_what_the_caption_says(demo):
+    """Shape colour at the captioned place and the background colour elsewhere, in nearly every image."""
     scenes = sample_scenes(12, seed=1)
     drawn = [(im, s) for s in scenes for im in draw(demo, s, seeds=[0, 1])]
     colours = sum(judge_colours(im, s) for im, s in drawn)
     placed = sum(judge(im, s) for im, s in drawn)
-    print(f"txt2img, 12 captions x 2 seeds, DDIM 20 steps: colours right {colours}/24, "
-          f"colours and place right {placed}/24 (chance: 1/5 of the colour-right ones)")
-    assert colours >= 20
+    print(f"txt2img, 12 captions x 2 seeds, DDIM 20 steps, scale {DEMO_SCALE:g}: colours right {colours}/24, "
+          f"colours and place right {placed}/24")
+    assert colours >= 20 and placed >= 20
 
 
-MULTISTEP = {"lms", "plms"}  # diverge on this model at scale 7.5 in 20 steps (garish noise); see README
-
-
-@pytest.mark.parametrize("sampler", [pytest.param(s, marks=pytest.mark.xfail(strict=True, reason="diverges on the demo model"))
-                                     if s in MULTISTEP else s for s in sorted(SAMPLERS)])
-def test_every_sampler_draws_the_captioned_colours(demo, sampler):
-    scenes = sample_scenes(4, seed=2)
-    results = [judge_colours(draw(demo, s, seeds=[3], sampler=sampler)[0], s) for s in scenes]
-    print(f"{sampler}: {sum(results)}/4 pass")
-    assert sum(results) >= 3
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_draws_what_the_caption_says(demo, sampler):
+    scenes = sample_scenes(6, seed=2)
+    results = [judge(draw(demo, s, seeds=[3], sampler=sampler)[0], s) for s in scenes]
+    print(f"{sampler}: {sum(results)}/6 pass")
+    assert sum(results) >= 5
 
 
 def test_img2img_at_low_strength_keeps_the_layout(demo):
     """Start from a rendered scene, prompt another shape colour: at strength 0.3 the picture keeps the
     input's layout (a shape at its place, its background) and takes the prompt's colour; at 1.0 the
-    input is gone and the prompt's colours are drawn."""
+    input is gone and the prompt is drawn, colours and place."""
     kept, drawn = 0, 0
     scenes = sample_scenes(6, seed=3)
     for i, scene in enumerate(scenes):
@@ -128,40 +124,45 @@ def test_img2img_at_low_strength_keeps_the_layout(demo):
         prompt = Scene(scene.shape, other, scene.background, scene.position)
         init = image_tensor(render(scene))
         for strength in (0.3, 1.0):
-            latents = demo.img2img_latents(prompt.caption, "", [i], init, SampleSettings("ddim", 20), strength)
+            latents = demo.img2img_latents(prompt.caption, "", [i], init, SampleSettings("ddim", 20, DEMO_SCALE),
+                                            strength)
             image = to_pil(demo.decode(latents))[0]
             if strength < 1:
                 kept += judge(image, prompt)  # the prompt's scene has the input's place and background
             else:
-                drawn += judge_colours(image, prompt)
-    print(f"img2img: strength 0.3 keeps the layout {kept}/6; strength 1.0 draws the prompt's colours {drawn}/6")
+                drawn += judge(image, prompt)
+    print(f"img2img: strength 0.3 keeps the layout {kept}/6; strength 1.0 draws the prompt {drawn}/6")
     assert kept >= 5 and drawn >= 5
 
 
-def test_inpainting_changes_only_the_masked_quadrant_and_fills_it_coherently(demo):
-    """A circle in one corner, the opposite quadrant masked, a prompt for a new shape there: every
-    unmasked pixel is the original's, and the quadrant is filled with the scene's colours (its
-    background, or the new shape's colour), not noise. Whether the new shape lands in the quadrant
-    depends on place, which the demo model has not learnt: that rate is printed only."""
-    coherent, new_shape = 0, 0
-    for i, (colour, background) in enumerate([("red", "blue"), ("yellow", "black"), ("white", "green"),
-                                              ("blue", "yellow")]):
-        original = render(Scene("circle", colour, background, "top left"))
-        wanted = Scene("square", next(c for c in COLOURS if c not in (colour, background)), background,
-                       "bottom right")
+QUADRANTS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
+
+
+def test_inpainting_replaces_the_shape_in_the_masked_quadrant_and_nothing_else(demo):
+    """A circle in one corner, its quadrant masked, a prompt for a square of another colour at the same
+    place: every unmasked pixel is the original's, the new colour is drawn at the place and the
+    background kept around it (`judge`), and the old shape's colour is gone from the quadrant.
+    (Adding a second shape beside the first is not tested: every training scene has one shape.)"""
+    replaced = 0
+    cases = [("red", "blue", "bottom right"), ("yellow", "black", "top left"), ("white", "green", "top right"),
+             ("blue", "yellow", "bottom left"), ("green", "white", "bottom right"), ("black", "red", "top left")]
+    h = SIZE // 2
+    for i, (colour, background, position) in enumerate(cases):
+        original = render(Scene("circle", colour, background, position))
+        wanted = Scene("square", next(c for c in COLOURS if c not in (colour, background)), background, position)
+        row, col = QUADRANTS[position]
         m = np.zeros((SIZE, SIZE), np.uint8)
-        m[SIZE // 2:, SIZE // 2:] = 255
+        m[row * h:(row + 1) * h, col * h:(col + 1) * h] = 255
         mask = Image.fromarray(m)
         latents = demo.inpaint_latents(wanted.caption, "", [i], image_tensor(original), mask_tensor(mask),
-                                       SampleSettings("ddim", 20))
+                                       SampleSettings("ddim", 20, DEMO_SCALE))
         result = paste_back(to_pil(demo.decode(latents))[0], original, mask)
         a, o = np.asarray(result), np.asarray(original)
         assert np.array_equal(a[m == 0], o[m == 0])
-        quadrant = [nearest_colour(p) for p in a[SIZE // 2:, SIZE // 2:].reshape(-1, 3)]
-        coherent += sum(q in (background, wanted.colour) for q in quadrant) >= 0.9 * len(quadrant)
-        new_shape += quadrant.count(wanted.colour) >= 0.05 * len(quadrant)
-    print(f"inpainting: quadrant in the scene's colours {coherent}/4; the new shape's colour there {new_shape}/4")
-    assert coherent >= 3
+        quadrant = [nearest_colour(p) for p in a[m > 0]]
+        replaced += judge(result, wanted) and quadrant.count(colour) < 0.05 * len(quadrant)
+    print(f"inpainting: the circle replaced by the prompt's square {replaced}/{len(cases)}")
+    assert replaced >= 3
 
 
 def test_training_script_writes_a_loadable_model(tmp_path):
@@ -188,3 +189,4 @@ def test_demo_flag_writes_a_64px_image(tmp_path, capsys):
     image = Image.open(next(Path(tmp_path).rglob("seed_0_*.png")))
     assert image.size == (SIZE, SIZE)
     assert image.text["checkpoint"] == "demo.safetensors"
+    assert (image.text["sampler"], float(image.text["scale"])) == ("ddim", DEMO_SCALE)  # the demo's defaults
