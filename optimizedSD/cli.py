@@ -406,9 +406,7 @@ def generate(args) -> dict:
                             sample_seconds += time.perf_counter() - t0
                     except torch.cuda.OutOfMemoryError:
                         if engine.failed_phase == "encode" and not pipe.tile:
-                            torch.cuda.empty_cache()
-                            pipe.tile = True
-                            warn("out of GPU memory while encoding the init image; retrying with tiled VAE")
+                            _tile_vae(pipe, "out of GPU memory while encoding the init image; retrying with tiled VAE")
                         else:
                             batch_size = _smaller(pipe, batch_size, len(chunk))
                         continue
@@ -514,10 +512,15 @@ def _decode_retrying(pipe, latents):
     except torch.cuda.OutOfMemoryError:
         if pipe.tile:
             raise
-        torch.cuda.empty_cache()
-        pipe.tile = True
-        warn("out of GPU memory while decoding; retrying with tiled VAE decode")
+        _tile_vae(pipe, "out of GPU memory while decoding; retrying with tiled VAE decode")
         return pipe.decode(latents)
+
+
+def _tile_vae(pipe, message: str) -> None:
+    """After running out of GPU memory in the VAE: free the cache, encode/decode in tiles from now on, say so."""
+    torch.cuda.empty_cache()
+    pipe.tile = True
+    warn(message)
 
 
 def main(argv=None, kind: str = "txt2img") -> int:
