@@ -3,8 +3,9 @@
 Layout: `outdir/<slug>/seed_<seed>_<NNNNN>.<ext>` for each image and `outdir/<slug>/grid_<NNNN>.<ext>`
 for a grid. `<slug>` comes from the prompt (`slugify`). Each running number continues after the
 highest one already in that folder (images: any seed, any extension; grids separately), and every
-file is opened with exclusive create (`"xb"`), so a concurrent writer or a file that appeared
-between the scan and the write is skipped, never overwritten.
+file name is reserved with exclusive create (`"xb"`), so a concurrent writer or a file that appeared
+between the scan and the write is skipped, never overwritten. The bytes go to a temporary file that
+is then renamed onto the reserved name: an interrupted write (Ctrl-C, a full disk) leaves nothing.
 
 Metadata: PNG gets one text chunk per key (prompt, negative_prompt, seed, sampler, steps, scale,
 size, checkpoint, checkpoint_hash, any extras) plus `parameters`, the one-string summary that other
@@ -223,6 +224,23 @@ class ImageWriter:
             rgb.save(buf, format="JPEG", quality=JPEG_QUALITY, comment=comment)
         return buf.getvalue()
 
+    def _fill(self, path: Path, data: bytes) -> None:
+        """Put `data` at the reserved (empty) `path` whole or not at all: written to a temporary file
+        beside it, then renamed over it. Interrupted (Ctrl-C) or failed, neither file is left."""
+        tmp = path.with_name(f".{path.name}.part")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            raise OutputError(f"failed writing {path} ({e.strerror or e}); check free disk space") from e
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            raise
+
     def _numbers(self, pattern: re.Pattern) -> list[tuple[int, str]]:
         """(number, file name) of every file in self.dir whose name matches `pattern`."""
         try:
@@ -243,30 +261,18 @@ class ImageWriter:
         for n in range(start, start + _MAX_TRIES):
             path = self.dir / name(n)
             try:
-                f = open(path, "xb")  # exclusive create: never overwrites, even under a race
+                open(path, "xb").close()  # reserve the name: exclusive create never overwrites, even under a race
             except FileExistsError:
                 continue
             except OSError as e:
                 raise OutputError(f"cannot create {path} ({e.strerror or e}); "
                                   "fix the output directory or choose another") from e
-            try:
-                with f:
-                    # A concurrent writer may have taken number n under another name (other seed
-                    # or extension) between our scan and our create: then back off to n + 1.
-                    clash = any(m == n and other != path.name
-                                for m, other in self._numbers(pattern))
-                    if not clash:
-                        f.write(data)
-            except OSError as e:
-                path.unlink(missing_ok=True)
-                raise OutputError(f"failed writing {path} ({e.strerror or e}); "
-                                  "check free disk space") from e
-            except OutputError:
-                path.unlink(missing_ok=True)
-                raise
-            if clash:
+            # A concurrent writer may have taken number n under another name (other seed or
+            # extension) between our scan and our create: then back off to n + 1.
+            if any(m == n and other != path.name for m, other in self._numbers(pattern)):
                 path.unlink(missing_ok=True)
                 continue
+            self._fill(path, data)
             self._next[kind] = n + 1
             return path
         raise OutputError(f"no free file name in {self.dir} after {_MAX_TRIES} tries; "

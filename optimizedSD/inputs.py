@@ -56,9 +56,10 @@ def resized(im: Image.Image, size: tuple[int, int]) -> Image.Image:
     return im if im.size == size else im.resize(size, resample=Image.LANCZOS)
 
 
-def load_mask(path: str | Path, size: tuple[int, int]) -> tuple[Image.Image, bool]:
-    """(mask as a binary "L" image of `size`: 255 repaint, 0 keep; whether it had to be resized)."""
-    im = open_image(path, "mask")
+def load_mask(mask: str | Path | Image.Image, size: tuple[int, int]) -> tuple[Image.Image, bool]:
+    """(mask, a file or an image, as a binary "L" image of `size`: 255 repaint, 0 keep; whether it
+    had to be resized)."""
+    im = mask if isinstance(mask, Image.Image) else open_image(mask, "mask")
     gray = im.convert("RGBA").convert("L") if im.mode == "P" else im.convert("L")
     was = gray.size
     gray = resized(gray, size)

@@ -109,14 +109,25 @@ class Offloader:
         self._order = [u for u, _ in unet_units(fragments)]
         self._streamed = [u for u in self._order if u not in self.resident] if mode == "stream" else []
         self._side = None
+        self._hooks = []  # removed by close()
         if self._streamed and self.offloading:
             for u in self._streamed:
                 block, = modules[u]
-                block.register_forward_pre_hook(lambda mod, args, u=u: self._before_block(u))
-                block.register_forward_hook(lambda mod, args, out, u=u: self._after_block(u))
+                self._hooks += [block.register_forward_pre_hook(lambda mod, args, u=u: self._before_block(u)),
+                                block.register_forward_hook(lambda mod, args, out, u=u: self._after_block(u))]
             if self.device.type == "cuda":
                 self._pin(self._streamed)
                 self._side = torch.cuda.Stream(self.device)
+
+    def close(self) -> None:
+        """Give the modules back as they were: every unit off the device, the streaming hooks removed
+        (the engine makes a new Offloader over the same fragments when the memory plan changes)."""
+        for unit in list(self.on_device):
+            self._drop(unit)
+        self._prefetched.clear()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     @property
     def offloading(self) -> bool:

@@ -15,6 +15,8 @@ from PIL import Image
 
 from checkpoints import write_tiny_checkpoint
 from optimizedSD import cli
+from optimizedSD import model
+from optimizedSD.request import RequestError
 from optimizedSD.cli import main
 from optimizedSD.config import SDConfig, UNetConfig
 from optimizedSD.images import file_hash
@@ -225,22 +227,22 @@ def test_out_of_memory_retries_give_the_same_images(tiny_model, tmp_path, capsys
 
 
 def test_default_checkpoint_discovery(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "ROOT", tmp_path / "repo")
+    monkeypatch.setattr(model, "ROOT", tmp_path / "repo")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(cli.UsageError, match="put sd-v1-4.ckpt .* in weights/ or at models/ldm/stable-diffusion-v1"):
-        cli.find_checkpoint(None)
+    with pytest.raises(RequestError, match="put sd-v1-4.ckpt .* in weights/ or at models/ldm/stable-diffusion-v1"):
+        model.find_checkpoint(None)
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights/notes.txt").write_text("not a checkpoint")
     (tmp_path / "weights/v1-5.safetensors").write_bytes(b"x")
-    assert cli.find_checkpoint(None) == tmp_path / "weights/v1-5.safetensors"
+    assert model.find_checkpoint(None) == tmp_path / "weights/v1-5.safetensors"
     (tmp_path / "weights/sd-v1-4.ckpt").write_bytes(b"x")
-    with pytest.raises(cli.UsageError, match=r"several checkpoints .*sd-v1-4.ckpt, v1-5.safetensors.*--ckpt"):
-        cli.find_checkpoint(None)
+    with pytest.raises(RequestError, match=r"several checkpoints .*sd-v1-4.ckpt, v1-5.safetensors.*--ckpt"):
+        model.find_checkpoint(None)
     compvis = tmp_path / "models/ldm/stable-diffusion-v1/model.ckpt"
     compvis.parent.mkdir(parents=True)
     compvis.write_bytes(b"x")
-    assert cli.find_checkpoint(None) == compvis  # the CompVis location wins
-    assert cli.find_checkpoint(str(tmp_path / "weights/sd-v1-4.ckpt")) == tmp_path / "weights/sd-v1-4.ckpt"
+    assert model.find_checkpoint(None) == compvis  # the CompVis location wins
+    assert model.find_checkpoint(str(tmp_path / "weights/sd-v1-4.ckpt")) == tmp_path / "weights/sd-v1-4.ckpt"
 
 
 def _poisoned_packages(where: Path) -> None:

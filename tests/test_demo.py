@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from optimizedSD.checkpoint import load_fragments
-from optimizedSD.cli import DEMO_CKPT, DEMO_CONFIG, DEMO_SCALE, ROOT
+from optimizedSD.model import DEMO_CKPT, DEMO_CONFIG, ROOT
+from optimizedSD.request import DEMO_SCALE
 from optimizedSD.config import SDConfig
 from optimizedSD.demo_data import COLOURS, POSITIONS, SIZE, Scene, all_scenes, render
 from optimizedSD.images import to_pil

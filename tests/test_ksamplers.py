@@ -257,13 +257,12 @@ def test_karras_is_for_k_samplers_only():
         with pytest.raises(ValueError, match="k-samplers"):
             make_plan(schedule, name, 10, karras=True)
         assert torch.equal(make_plan(schedule, name, 10, karras=False).sigmas, schedule.ddim_sigmas(10))
-    from optimizedSD.cli import UsageError, build_parser, validate
     from optimizedSD.config import SDConfig
+    from optimizedSD.request import Request, RequestError, complete
 
-    args = build_parser().parse_args(["--sampler", "ddim", "--karras"])
-    with pytest.raises(UsageError, match="--karras"):
-        validate(args, SDConfig())
-    validate(build_parser().parse_args(["--sampler", "dpmpp_2m", "--karras"]), SDConfig())
+    with pytest.raises(RequestError, match="--karras applies to the k-samplers only"):
+        complete(Request("p", sampler="ddim", karras=True), SDConfig())
+    complete(Request("p", sampler="dpmpp_2m", karras=True), SDConfig())
 
 
 # --- (d) one seed, one image, whatever the batch ----------------------------------------------------------

@@ -1,0 +1,321 @@
+"""One engine, loaded once: renders requests for every front (CLI, browser UI, cluster workers).
+
+    spec = resolve_model(ckpt, config, device="cuda")          # model.py: found and checked
+    engine = Engine(spec)                                       # the fragments, on the host, once
+    request = engine.complete(Request("a red fox", n_samples=2, seed=7))
+    for batch in engine.render(request, on_step=print):
+        for item in batch:                                      # Rendered: image, seed, metadata
+            item.image.save(...)
+
+The engine owns the long-lived state: the fragments' host masters, the offload engine of the current
+memory plan (re-planned, and cached, when the size, batch or memory mode changes), the pipeline. A
+render reports each sampling step to `on_step(done, total)`, stops between steps when `cancel()` says
+so (`Cancelled`), and retries running out of GPU memory as it always did: halving `unet_bs`, then the
+images at once, and switching the VAE to tiles, saying each retry through `notify`. On `meta` it
+plans instead: one sampling step per distinct batch shape, through the real code path
+(`planner.predict`), and no images.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from PIL import Image
+
+from .model import ModelSpec
+from .request import CLI_LABELS, Request, RequestError, check_memory
+
+
+class Cancelled(Exception):
+    """The render was stopped between two sampling steps (`cancel()` returned True)."""
+
+
+@dataclass
+class Rendered:
+    """One finished image of a request: image i of the request is seeded `request.seeds[i]`."""
+    image: Image.Image
+    seed: int
+    index: int
+    request: Request
+
+
+@dataclass
+class RunStats:
+    """What one or more renders took: time, steps, peak device memory per phase, bytes moved."""
+    images: int = 0
+    seconds: float = 0.0
+    sampled_steps: int = 0
+    sample_seconds: float = 0.0
+    sample_bytes: int = 0  # host->device while sampling
+    peaks: dict = field(default_factory=dict)  # phase -> bytes
+    redone_in_fp32: int = 0  # fp16 decodes that overflowed
+    last_plan: object = None  # the MemoryPlan of the last render
+    unet_bs: int = 1  # as the last render ended (after any retry)
+    images_at_once: int = 1
+    tiled_vae: bool = False
+
+    def add_peaks(self, peaks: dict) -> None:
+        for phase, v in peaks.items():
+            self.peaks[phase] = max(self.peaks.get(phase, 0), v)
+
+    def figures(self, device: torch.device, width: int, height: int) -> dict:
+        """The figures `--json` prints (the keys are part of the CLI's interface)."""
+        plan = self.last_plan
+        return dict(device=str(device), width=width, height=height, images=self.images,
+                    seconds=round(self.seconds, 3), seconds_per_image=round(self.seconds / max(1, self.images), 3),
+                    seconds_per_step=round(self.sample_seconds / max(1, self.sampled_steps), 4),
+                    mode=plan.mode if plan else None, resident_blocks=len(plan.resident) if plan else 0,
+                    unet_bs=self.unet_bs, images_at_once=self.images_at_once, tiled_vae=self.tiled_vae,
+                    peak_bytes=dict(self.peaks),
+                    host_to_device_bytes_per_step=self.sample_bytes // max(1, self.sampled_steps),
+                    fp16_decodes_redone_in_fp32=self.redone_in_fp32)
+
+
+class Engine:
+    def __init__(self, spec: ModelSpec, notify: Callable[[str], None] = lambda message: None):
+        """An engine for `spec`; `notify` hears retries and notes. `load` reads the checkpoint (the first
+        render does, if no one did before), so a front can plan and refuse requests before that."""
+        self.spec = spec
+        self.cfg = spec.cfg
+        self.device = spec.device
+        self.notify = notify
+        self.loads = 0  # checkpoint reads: one per engine
+        self.fragments = None
+        self.checkpoint_hash = None
+        self._plans: dict[tuple, object] = {}
+        self._engine = None  # the Offloader of the current plan
+        self._placement = None  # its (mode, resident)
+
+    def load(self) -> "Engine":
+        """Read the checkpoint into the fragments' host masters, once (nothing on `meta`)."""
+        from .checkpoint import CheckpointError, load_fragments
+        from .fragments import FRAGMENTS
+        from .images import file_hash
+
+        if self.fragments is not None or self.spec.planning:
+            return self
+        try:
+            self.fragments = load_fragments(self.spec.ckpt, self.cfg, names=FRAGMENTS, dtype=self.spec.dtype,
+                                            ema=self.spec.ema)
+        except CheckpointError as e:
+            raise RequestError(str(e)) from None
+        self.loads += 1
+        self.checkpoint_hash = file_hash(self.spec.ckpt)
+        return self
+
+    # ---- requests and plans --------------------------------------------------------------------
+    def complete(self, request: Request, labels: dict = CLI_LABELS, notify: Callable[[str], None] | None = None) -> Request:
+        """`request` with this model's defaults, its images read, checked (`ModelSpec.complete`)."""
+        return self.spec.complete(request, labels, notify or self.notify)
+
+    def plan(self, r: Request):
+        """The memory plan of a completed request (`planner.choose_plan`), cached per shape and mode."""
+        from .planner import PlanError, choose_plan
+
+        key = (r.memory, r.unet_bs, r.width, r.height, r.n_samples, r.guided, r.kind != "txt2img")
+        if key not in self._plans:
+            budget = check_memory(r.memory, CLI_LABELS["memory"])
+            try:
+                self._plans[key] = choose_plan(self.cfg, self.spec.dtype, turbo=r.memory == "turbo",
+                                               lowvram=r.memory == "lowvram", vram=budget, unet_bs=r.unet_bs,
+                                               height=r.height, width=r.width, n_samples=r.n_samples,
+                                               guided=r.guided, encode=r.kind != "txt2img")
+            except PlanError as e:
+                raise RequestError(str(e)) from None
+        return self._plans[key]
+
+    def describe(self, plan) -> str:
+        from .offload import unet_units
+        from .planner import _meta_fragments, describe
+
+        fragments = self.fragments or _meta_fragments(self.cfg, self.spec.dtype)
+        return describe(plan, len(unet_units(fragments)))
+
+    def _pipeline(self, plan):
+        """A pipeline over the offload engine of `plan`'s placement (made anew when it changes)."""
+        from .offload import Offloader
+        from .memory import meter_for
+        from .pipeline import Pipeline
+
+        placement = (plan.mode, plan.resident)
+        if placement != self._placement:
+            if self._engine is not None:
+                self._engine.close()
+            self._engine = Offloader(self.fragments, self.device, plan.mode, plan.resident, meter=meter_for(self.device))
+            self._placement = placement
+        return Pipeline(self.cfg, self._engine, dtype=self.spec.dtype, unet_bs=plan.unet_bs, tile=plan.tile)
+
+    # ---- rendering -----------------------------------------------------------------------------
+    def render(self, request: Request, on_step: Callable[[int, int], None] | None = None,
+               cancel: Callable[[], bool] | None = None, stats: RunStats | None = None) -> Iterator[list[Rendered]]:
+        """The images of a completed `request`, a batch at a time (see the module docstring).
+        `stats` (made fresh when None) accumulates the run's figures."""
+        r = request
+        if r.seed is None or r.sampler is None:
+            raise ValueError("render takes a completed request: call Engine.complete first")
+        stats = stats if stats is not None else RunStats()
+        plan = self.plan(r)
+        stats.last_plan = plan
+        if self.spec.planning:
+            self._plan_only(r, plan, stats)
+            return
+        self.load()
+        yield from self._render(r, plan, on_step, cancel, stats)
+
+    def _render(self, r: Request, plan, on_step, cancel, stats: RunStats) -> Iterator[list[Rendered]]:
+        from .images import to_pil
+        from .inputs import image_tensor, mask_tensor, paste_back
+        from .pipeline import SampleSettings
+
+        pipe = self._pipeline(plan)
+        pipe.long_prompts = r.long_prompts
+        engine = self._engine
+        engine.peaks, engine.phase_bytes = {}, {}
+        settings = SampleSettings(sampler=r.sampler, steps=r.steps, scale=r.scale, eta=r.eta, karras=r.karras)
+        steps = sampled_steps(self.cfg, r)
+        f = self.cfg.downsample_factor
+        fixed = None
+        if r.fixed_code:
+            fixed = torch.randn((1, self.cfg.channels, r.height // f, r.width // f),
+                                generator=torch.Generator("cpu").manual_seed(r.seed))
+        image = image_tensor(r.init_image) if r.kind != "txt2img" else None
+        mask = mask_tensor(r.mask) if r.kind == "inpaint" else None
+        batch_size = plan.batch or r.n_samples
+        total = r.n_iter * -(-r.n_samples // batch_size) * steps
+        done_steps = 0
+        start = time.perf_counter()
+
+        def step(_):
+            nonlocal done_steps
+            done_steps += 1
+            if on_step is not None:
+                on_step(done_steps, total)
+            if cancel is not None and cancel():
+                raise Cancelled()
+
+        try:
+            for it in range(r.n_iter):
+                seeds = r.seeds[it * r.n_samples:(it + 1) * r.n_samples]
+                done = 0
+                while done < len(seeds):
+                    if cancel is not None and cancel():
+                        raise Cancelled()
+                    chunk = seeds[done:done + batch_size]
+                    before = done_steps
+                    try:
+                        t0 = time.perf_counter()
+                        latents = self._latents(pipe, r, chunk, settings, image, mask, fixed, step)
+                        stats.sample_seconds += time.perf_counter() - t0
+                    except torch.cuda.OutOfMemoryError:
+                        done_steps = before
+                        if engine.failed_phase == "encode" and not pipe.tile:
+                            self._tile_vae(pipe, "out of GPU memory while encoding the init image; retrying with tiled VAE")
+                        else:
+                            batch_size = self._smaller(pipe, batch_size, len(chunk))
+                            total = done_steps + (r.n_iter - it) * -(-(len(seeds) - done) // batch_size) * steps
+                        continue
+                    stats.sampled_steps += steps
+                    images = to_pil(self._decode(pipe, latents))
+                    if r.kind == "inpaint":  # the unmasked pixels are the init image's, exactly
+                        images = [paste_back(im, r.init_image, r.mask) for im in images]
+                    base = it * r.n_samples + done
+                    done += len(chunk)
+                    stats.images += len(chunk)
+                    yield [Rendered(im, s, base + j, r) for j, (im, s) in enumerate(zip(images, chunk))]
+        finally:
+            stats.seconds += time.perf_counter() - start
+            stats.add_peaks(engine.peaks)
+            stats.sample_bytes += engine.phase_bytes.get("sample", 0)
+            stats.redone_in_fp32 += pipe.redone_in_fp32
+            stats.unet_bs, stats.images_at_once, stats.tiled_vae = pipe.unet_bs, batch_size, pipe.tile
+
+    @staticmethod
+    def _latents(pipe, r: Request, seeds, settings, image, mask, fixed, step):
+        if r.kind == "txt2img":
+            return pipe.txt2img_latents(r.prompt, r.negative_prompt, seeds, r.height, r.width, settings,
+                                        fixed_noise=fixed, callback=step)
+        if r.kind == "img2img":
+            return pipe.img2img_latents(r.prompt, r.negative_prompt, seeds, image, settings, r.strength,
+                                        fixed_noise=fixed, callback=step)
+        return pipe.inpaint_latents(r.prompt, r.negative_prompt, seeds, image, mask, settings, r.strength,
+                                    fixed_noise=fixed, callback=step)
+
+    def _plan_only(self, r: Request, plan, stats: RunStats) -> None:
+        """`meta`: the run's figures from one sampling step per distinct batch size (`predict`); the
+        host->device bytes of that step, times the model evaluations per step of the run's sampler."""
+        from .planner import predict
+
+        start = time.perf_counter()
+        batch = plan.batch or r.n_samples
+        sizes = [batch] * (r.n_samples // batch) + ([r.n_samples % batch] if r.n_samples % batch else [])
+        steps = sampled_steps(self.cfg, r)
+        per_step = model_evals(self.cfg, r) / steps
+        for size in sorted(set(sizes)):
+            peaks, step_bytes = predict(self.cfg, self.spec.dtype, plan, r.height, r.width, size, r.guided,
+                                        encode=r.kind != "txt2img")
+            stats.add_peaks(peaks)
+            runs = r.n_iter * sizes.count(size)
+            stats.sample_bytes += round(step_bytes * per_step * steps) * runs
+            stats.sampled_steps += steps * runs
+        stats.images += r.n_iter * r.n_samples
+        stats.seconds += time.perf_counter() - start
+        stats.unet_bs, stats.images_at_once, stats.tiled_vae = plan.unet_bs, batch, plan.tile
+
+    # ---- out-of-memory retries ---------------------------------------------------------------
+    def _smaller(self, pipe, batch_size: int, chunk: int) -> int:
+        """After running out of GPU memory while sampling: halve unet_bs, else the images at once."""
+        torch.cuda.empty_cache()
+        if pipe.unet_bs > 1:
+            pipe.unet_bs //= 2
+            self.notify(f"out of GPU memory while sampling; retrying with --unet_bs {pipe.unet_bs}")
+            return batch_size
+        if chunk > 1:
+            self.notify(f"out of GPU memory while sampling; retrying {chunk // 2} image(s) at once")
+            return chunk // 2
+        raise torch.cuda.OutOfMemoryError("out of memory at --unet_bs 1 with one image at once")
+
+    def _decode(self, pipe, latents):
+        """Decode; on running out of GPU memory, switch to tiled decoding once and retry."""
+        try:
+            return pipe.decode(latents)
+        except torch.cuda.OutOfMemoryError:
+            if pipe.tile:
+                raise
+            self._tile_vae(pipe, "out of GPU memory while decoding; retrying with tiled VAE decode")
+            return pipe.decode(latents)
+
+    def _tile_vae(self, pipe, message: str) -> None:
+        """After running out of GPU memory in the VAE: free the cache, use tiles from now on, say so."""
+        torch.cuda.empty_cache()
+        pipe.tile = True
+        self.notify(message)
+
+
+def sampled_steps(cfg, r: Request) -> int:
+    """Sampling steps one batch of `r` walks (all of the plan's, or the last strength x steps)."""
+    from .pipeline import Pipeline
+    from .samplers import make_plan, strength_steps
+
+    steps = make_plan(Pipeline.schedule_of(cfg), r.sampler, r.steps, karras=r.karras).steps
+    return steps if r.kind == "txt2img" else strength_steps(steps, r.strength)
+
+
+def model_evals(cfg, r: Request) -> int:
+    """How many times one batch of `r` evaluates the model: its sampler run on a 1-element stand-in
+    with a counting denoiser (Heun and DPM2 take two evaluations on most steps, PLMS two on its first)."""
+    from .pipeline import Pipeline
+    from .samplers import SAMPLERS, make_plan, takes_noise
+
+    plan = make_plan(Pipeline.schedule_of(cfg), r.sampler, r.steps, karras=r.karras)
+    sigmas = plan.sigmas[plan.steps - sampled_steps(cfg, r):]
+    calls = []
+
+    def denoise(x, sigma, **_):
+        calls.append(1)
+        return torch.zeros_like(x)
+
+    kwargs = {"noise_sampler": lambda *_: torch.zeros(1, 1, 1, 1)} if takes_noise(r.sampler) else {}
+    SAMPLERS[r.sampler](denoise, torch.ones(1, 1, 1, 1), sigmas, **kwargs)
+    return len(calls)

@@ -1,0 +1,142 @@
+"""Which model a run uses, resolved and checked before a single weight is read.
+
+`resolve_model` turns what a front was told (a checkpoint path or none, a config, `--demo`, a device,
+a precision) into a `ModelSpec`: the checkpoint file found, the config (9-channel when the checkpoint
+is an inpainting one), the device checked, the weights' dtype. Everything wrong here is a
+`RequestError` with one line. The engine (`engine.py`) then loads the spec once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import ConfigError, SDConfig
+from .request import CLI_LABELS, Request, RequestError, complete
+
+ROOT = Path(__file__).resolve().parent.parent  # the repo, or the CompVis checkout we were dropped into
+COMPVIS_CKPT = Path("models/ldm/stable-diffusion-v1/model.ckpt")
+DEMO_CKPT, DEMO_CONFIG = Path("weights/demo.safetensors"), Path("configs/demo.yaml")  # under ROOT; train_demo.py
+CKPT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    ckpt: Path | None  # None: planning on `meta`, nothing is read
+    cfg: SDConfig
+    device: torch.device
+    precision: str
+    dtype: torch.dtype
+    ema: bool = False
+    demo: bool = False
+
+    @property
+    def planning(self) -> bool:
+        """Shape-only on `meta`: a CUDA run planned, no checkpoint read, no image made."""
+        return self.device.type == "meta"
+
+    @property
+    def inpainting_unet(self) -> bool:
+        """A 9-channel UNet (sd-v1-5-inpainting): it takes the mask and the masked image as input."""
+        return self.cfg.unet.in_channels == 2 * self.cfg.channels + 1
+
+    def complete(self, request: Request, labels: dict = CLI_LABELS,
+                 notify: Callable[[str], None] = lambda message: None) -> Request:
+        """`request` with this model's defaults filled in and checked (`request.complete`)."""
+        if self.inpainting_unet and request.kind != "inpaint":
+            name = self.ckpt.name if self.ckpt else "the model"
+            raise RequestError(f"{name} is an SD v1 inpainting checkpoint (9-channel UNet): it can only inpaint; "
+                               "use optimized_inpaint.py or the inpainting tab")
+        return complete(request, self.cfg, demo=self.demo, labels=labels, notify=notify)
+
+
+def resolve_model(ckpt: str | Path | None = None, config: str | Path | None = None, *, demo: bool = False,
+                  device: str | None = None, precision: str | None = None, ema: bool = False) -> ModelSpec:
+    """The model to load, found and checked (see the module docstring); nothing is loaded."""
+    from .pipeline import PRECISIONS, weight_dtype
+
+    if demo:
+        ckpt = ckpt or _demo_file(DEMO_CKPT)
+        config = config or _demo_file(DEMO_CONFIG)
+    try:
+        cfg = SDConfig.from_yaml(config) if config else SDConfig()
+    except ConfigError as e:
+        raise RequestError(str(e)) from None
+    device = resolve_device(device)
+    precision = precision or "autocast"
+    if precision not in PRECISIONS:
+        raise RequestError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    path = None if device.type == "meta" else find_checkpoint(ckpt)
+    if path is not None:
+        cfg = _with_checkpoint_unet(cfg, path)
+    from .tokenizer import VocabNotFoundError, get_tokenizer
+
+    try:
+        get_tokenizer()  # a missing CLIP vocabulary is an install problem, found before any output
+    except VocabNotFoundError as e:
+        raise RequestError(str(e)) from None
+    return ModelSpec(path, cfg, device, precision, weight_dtype(device, precision), ema, demo)
+
+
+def _demo_file(path: Path) -> str:
+    if not (ROOT / path).is_file():
+        raise RequestError(f"the demo model's {path} is missing from {ROOT}; run python optimizedSD/train_demo.py "
+                           "to make it")
+    return str(ROOT / path)
+
+
+def find_checkpoint(arg: str | Path | None) -> Path:
+    """The checkpoint to load: `arg`, else the CompVis location, else the one file in weights/
+    (the demo model aside), looked for under the working directory, then this checkout."""
+    if arg:
+        path = Path(arg)
+        if not path.is_file():
+            raise RequestError(f"checkpoint not found: {arg}; check the --ckpt path")
+        return path
+    for base in dict.fromkeys([Path.cwd(), ROOT]):
+        if (base / COMPVIS_CKPT).is_file():
+            return base / COMPVIS_CKPT
+    for base in dict.fromkeys([Path.cwd(), ROOT]):
+        found = sorted(p for p in (base / "weights").glob("*")
+                       if p.suffix in CKPT_SUFFIXES and p.is_file() and p.name != DEMO_CKPT.name)
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            names = ", ".join(p.name for p in found)
+            raise RequestError(f"several checkpoints in {base / 'weights'} ({names}); pick one with --ckpt")
+    raise RequestError(f"no checkpoint found: put sd-v1-4.ckpt (or a .safetensors file) in weights/ "
+                       f"or at {COMPVIS_CKPT}, or pass --ckpt PATH (or --demo for the bundled demo model)")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """--device, checked to exist here; the best available one when None (cuda, mps, cpu)."""
+    from .pipeline import pick_device
+
+    try:
+        device = pick_device(name)
+    except RuntimeError as e:
+        raise RequestError(f"unknown --device {name!r} ({e}); use cuda, cuda:N, mps or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RequestError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise RequestError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RequestError(f"--device {name}: MPS is not available here; use --device cpu")
+    if device.type not in ("cuda", "mps", "cpu", "meta"):
+        raise RequestError(f"unsupported --device {name}; use cuda, cuda:N, mps, cpu or meta")
+    return device
+
+
+def _with_checkpoint_unet(cfg: SDConfig, ckpt: Path) -> SDConfig:
+    """`cfg` with a 9-channel UNet when `ckpt` is an inpainting checkpoint (sd-v1-5-inpainting)."""
+    from .checkpoint import CheckpointError, checkpoint_shapes, detect_family
+
+    try:
+        family = detect_family(checkpoint_shapes(ckpt))
+    except CheckpointError as e:
+        raise RequestError(str(e)) from None
+    if family == "sd-v1-inpainting":
+        return replace(cfg, unet=replace(cfg.unet, in_channels=2 * cfg.channels + 1))
+    return cfg

@@ -1,0 +1,58 @@
+"""A request's images as files: the metadata every front writes, and one writer per request.
+
+Every front that saves (the CLI, the browser UI, a cluster's driver) goes through `RequestWriter`,
+so names (`images.ImageWriter`: `OUTDIR/<prompt>/seed_<seed>_<NNNNN>.png`, `grid_<NNNN>.png`),
+metadata and the never-overwrite rule are one thing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from .images import ImageWriter
+from .request import Request
+
+
+def metadata(r: Request, checkpoint: str | Path | None, checkpoint_hash: str | None) -> dict:
+    """What a completed request's images record besides prompt, seed and size (the writer's)."""
+    meta = dict(negative_prompt=r.negative_prompt, steps=r.steps, sampler=r.sampler_name(), scale=r.scale,
+                checkpoint=Path(checkpoint).name if checkpoint else None, checkpoint_hash=checkpoint_hash)
+    if r.long_prompts:
+        meta.update(long_prompts=True)
+    if r.kind != "txt2img":
+        meta.update(init_image=r.init_image_name, strength=r.strength)
+    if r.kind == "inpaint":
+        meta.update(mask=r.mask_name)
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+class RequestWriter:
+    """Saves a request's images as they come (unless `skip_save`) and, at `finish`, their grid of
+    `n_rows` images per row (default: the batch size; unless `skip_grid`)."""
+
+    def __init__(self, outdir: str | Path, request: Request, meta: dict, fmt: str = "png", skip_save: bool = False,
+                 skip_grid: bool = False, n_rows: int = 0):
+        self.writer = ImageWriter(outdir, request.prompt, fmt=fmt, metadata=meta)
+        self.skip_save, self.skip_grid = skip_save, skip_grid
+        self.n_rows = n_rows or request.n_samples
+        self.images: list[Image.Image] = []
+        self.written: list[Path] = []
+        self.grid: Path | None = None
+
+    @property
+    def dir(self) -> Path:
+        return self.writer.dir
+
+    def add(self, image: Image.Image, seed: int) -> Path | None:
+        self.images.append(image)
+        if self.skip_save:
+            return None
+        path = self.writer.save(image, seed)
+        self.written.append(path)
+        return path
+
+    def finish(self) -> Path | None:
+        if not self.skip_grid and self.images:
+            self.grid = self.writer.save_grid(self.images, self.n_rows)
+        return self.grid
