@@ -17,8 +17,9 @@ import torch
 
 from .attention import auto_policy, using_policy
 from .config import SDConfig
-from .memory import MetaMeter
-from .offload import Offloader, unet_units
+from .fragments import TEXT_ENCODER
+from .memory import MetaMeter, replayable
+from .offload import VAE_UNITS, Offloader, unet_units
 
 GiB = 2 ** 30
 _UNITS = {"": 1, "b": 1, "k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30, "t": 2 ** 40}
@@ -55,43 +56,50 @@ class MemoryPlan:
 
 @functools.cache
 def _meta_fragments(cfg: SDConfig, dtype: torch.dtype):
-    """The fragments with every weight on `meta`: the host masters of a planning run cost nothing."""
-    from .fragments import build_fragments
+    """The fragments with every weight on `meta`: the host masters of a planning run cost nothing.
+    Their pure parts (the text encoder, each UNet block, the VAE's halves) are `replayable`: a
+    repeated call (another chunk of rows, another tile, another predict) replays its memory trace."""
+    from .fragments import VAE, build_fragments
 
     with torch.device("meta"):
-        return {name: m.to(dtype) for name, m in build_fragments(cfg).items()}
+        fragments = {name: m.to(dtype) for name, m in build_fragments(cfg).items()}
+    parts = [m for _, m in unet_units(fragments)] + [fragments[TEXT_ENCODER]]
+    parts += [getattr(fragments[VAE], child) for children in VAE_UNITS.values() for child in children]
+    for m in parts:
+        replayable(m)
+    return fragments
 
 
 def predict(cfg: SDConfig, dtype: torch.dtype, plan: MemoryPlan, height: int, width: int, batch: int,
-            guided: bool = True, encode: bool = False) -> tuple[dict[str, int], int]:
-    """(planned peak device bytes per phase, host->device bytes per sampling step) of `plan`; with
-    `encode`, the init image's VAE encoding (img2img, inpainting) too."""
+            guided: bool = True, encode: bool = False, *, precision: str = "autocast") -> tuple[dict[str, int], int]:
+    """(planned peak device bytes per phase, host->device bytes of one sampling step) of a CUDA run
+    with `plan` sampling `batch` images at once at `height` x `width`, computed in `precision`
+    (`dtype` is its weights' dtype: `weight_dtype(meta, precision)`). With `encode`, an img2img
+    run (the init image encoded, then sampled from); a 9-channel UNet plans inpainting.
+
+    One step on meta through the real pipeline (text encoding, sampling one DDIM step, decoding the
+    batch): a step's peak and bytes are the same at every step, and both are exactly what a full run
+    of any number of steps gives (`Offloader.phase_bytes - setup_bytes`, per step; samplers that
+    evaluate the model twice per step, e.g. heun, move twice that). Units loaded once per sampling
+    loop (resident blocks, --turbo's UNet) are not per-step bytes."""
     from .pipeline import Pipeline, SampleSettings
 
     fragments = _meta_fragments(cfg, dtype)
     with using_policy(auto_policy("cuda")), MetaMeter() as meter:  # the kernels of the CUDA run planned
         engine = Offloader(fragments, torch.device("meta"), plan.mode, plan.resident, meter=meter)
-        pipe = Pipeline(cfg, engine, dtype=dtype, unet_bs=plan.unet_bs, tile=plan.tile)
+        pipe = Pipeline(cfg, engine, dtype=dtype, unet_bs=plan.unet_bs, tile=plan.tile, precision=precision)
         settings = SampleSettings("ddim", 1, scale=7.5 if guided else 1.0)
         seeds = list(range(batch))
-        image = torch.zeros(1, 3, height, width, device="meta")
-        if cfg.unet.in_channels == cfg.channels:
+        image = torch.zeros(1, 3, height, width)  # the init image lives on the host, as in a real run
+        if cfg.unet.in_channels != cfg.channels:  # a 9-channel inpainting UNet samples with mask and masked image
+            latents = pipe.inpaint_latents("plan", "", seeds, image, torch.zeros(1, 1, height, width), settings)
+        elif encode:
+            latents = pipe.img2img_latents("plan", "", seeds, image, settings, strength=1.0)
+        else:
             latents = pipe.txt2img_latents("plan", "", seeds, height, width, settings)
-            if encode:
-                pipe.encode(image, [torch.Generator("cpu")])
-        else:  # a 9-channel inpainting UNet samples only with its mask and masked-image latents
-            mask = torch.zeros(1, 1, height, width, device="meta")
-            latents = pipe.inpaint_latents("plan", "", seeds, image, mask, settings)
         pipe.decode(latents)
-    _clear_hooks(fragments)
-    return dict(engine.peaks), engine.phase_bytes.get("sample", 0)
-
-
-def _clear_hooks(fragments) -> None:
-    for m in fragments.values():
-        for sub in m.modules():
-            sub._forward_pre_hooks.clear()
-            sub._forward_hooks.clear()
+        del latents
+    return dict(engine.peaks), engine.phase_bytes["sample"] - engine.setup_bytes["sample"]
 
 
 def _halvings(n: int) -> list[int]:
