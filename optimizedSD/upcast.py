@@ -4,9 +4,10 @@ The weights stay fp16 (stored on the host, moved and kept on the device at half 
 `UpcastMode()` is active, every call of a function that reads a layer's weights (linear, conv2d,
 group_norm, layer_norm: what nn.Linear, nn.Conv2d, nn.GroupNorm and nn.LayerNorm call) gets its
 half-precision tensor arguments as fp32 copies that live only for that call; an embedding lookup
-(exact in any dtype) returns its rows as fp32 instead of copying the whole table. Fed fp32 inputs, a model then computes every activation in fp32: attention, norms, residual
-sums and the time embedding included, so nothing can overflow fp16's 65504. The device holds the
-fp16 weights plus one layer's fp32 weight copy at a time, and fp32 activations (twice fp16's).
+(exact in any dtype) returns its rows as fp32 instead of copying the whole table. Fed fp32 inputs,
+a model then computes every activation in fp32: attention, norms, residual sums and the time
+embedding included, so nothing can overflow fp16's 65504. The device holds the fp16 weights plus
+one layer's fp32 weight copy at a time, and fp32 activations (twice fp16's).
 
 The mode changes no module and no parameter, so the offload engine's parameter swaps and host
 masters are untouched; it works on any device, `meta` included (the planner counts the copies).
