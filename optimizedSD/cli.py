@@ -104,8 +104,9 @@ def build_parser(kind: str = "txt2img") -> argparse.ArgumentParser:
       help="device memory budget, e.g. 2G or 1536M: keeps as much of the UNet on the device as fits, streams "
            "the rest block by block, and picks --unet_bs, images at once and tiled VAE encoding/decoding to fit")
     a("--json", action="store_true", help="print the run's figures (memory per phase, timings) as one JSON object")
-    a("--precision", type=str, default="autocast", choices=["autocast", "full"],
-      help="autocast: fp16 weights and autocast on CUDA; full: fp32 (CPU always runs fp32)")
+    a("--precision", type=str, default="autocast", choices=["autocast", "upcast", "full"],
+      help="autocast: fp16 weights and autocast on CUDA; upcast: fp16 weights, each layer computed in fp32 "
+           "(about fp16's memory, no fp16 overflow: for GTX 16xx cards); full: fp32 (CPU always runs fp32)")
     a("--device", type=str, default=None,
       help="cuda, cuda:N, mps or cpu (default: cuda if available, else mps, else cpu); meta: plan a CUDA run "
            "shape-only (no checkpoint read, no image written) and print its peak device memory per phase")
@@ -343,7 +344,7 @@ def generate(args) -> dict:
     try:
         plan = choose_plan(cfg, dtype, turbo=args.turbo, lowvram=args.lowvram, vram=getattr(args, "vram_bytes", None),
                            unet_bs=args.unet_bs, height=args.H, width=args.W, n_samples=args.n_samples,
-                           guided=args.scale != 1.0, encode=kind != "txt2img")
+                           guided=args.scale != 1.0, encode=kind != "txt2img", precision=args.precision)
     except PlanError as e:
         raise UsageError(str(e)) from None
     log(f"device: {device}; seed: {seed}; checkpoint: {ckpt or 'none (planning)'}")
@@ -386,7 +387,7 @@ def generate(args) -> dict:
     policy = auto_policy("cuda" if planning else device)  # meta plans the CUDA run's kernels
     with using_policy(policy), meter if planning else nullcontext():
         engine = Offloader(fragments, device, plan.mode, plan.resident, meter=meter)
-        pipe = Pipeline(cfg, engine, dtype=dtype, unet_bs=plan.unet_bs, tile=plan.tile)
+        pipe = Pipeline(cfg, engine, dtype=dtype, unet_bs=plan.unet_bs, tile=plan.tile, precision=args.precision)
         pipe.long_prompts = args.long_prompts
         batch_size = plan.batch or args.n_samples
         for prompt in prompts:
@@ -434,10 +435,14 @@ def generate(args) -> dict:
                    seconds_per_step=round(sample_seconds / max(1, sampled_steps), 4), mode=plan.mode,
                    resident_blocks=len(plan.resident), unet_bs=pipe.unet_bs, images_at_once=batch_size,
                    tiled_vae=pipe.tile, peak_bytes={k: v for k, v in engine.peaks.items()},
-                   host_to_device_bytes_per_step=engine.phase_bytes.get("sample", 0) // max(1, sampled_steps),
-                   fp16_decodes_redone_in_fp32=pipe.redone_in_fp32)
+                   host_to_device_bytes_per_step=(engine.phase_bytes.get("sample", 0)
+                                                  - engine.setup_bytes.get("sample", 0)) // max(1, sampled_steps),
+                   fp16_decodes_redone_in_fp32=pipe.redone_in_fp32, unet_steps_redone_in_upcast=pipe.redone_in_upcast)
     if pipe.redone_in_fp32:
         warn(f"note: {pipe.redone_in_fp32} fp16 decode(s) overflowed and were redone in fp32")
+    if pipe.redone_in_upcast:
+        warn(f"note: {pipe.redone_in_upcast} fp16 UNet step(s) overflowed (NaN/inf) and were redone in fp32 "
+             "arithmetic; --precision upcast computes every step that way")
     log(_memory_line(figures, planning))
     if not planning:
         where = dirs[0] if len(set(dirs)) == 1 else f"{len(set(dirs))} folders under {args.outdir}"
