@@ -122,10 +122,10 @@ def plan_seconds(run) -> float:
     start = time.perf_counter()
     plan = choose_plan(cfg, dtype, turbo=run.turbo, lowvram=run.lowvram, vram=getattr(run, "vram_bytes", None),
                        unet_bs=run.unet_bs, height=run.H, width=run.W, n_samples=run.n_samples,
-                       guided=run.scale != 1.0, precision=run.precision)
+                       guided=run.scale != 1.0, precision=run.precision, sampler=run.sampler)
     batch = plan.batch or run.n_samples
     for size in {batch, run.n_samples % batch} - {0}:
-        predict(cfg, dtype, plan, run.H, run.W, size, run.scale != 1.0, precision=run.precision)
+        predict(cfg, dtype, plan, run.H, run.W, size, run.scale != 1.0, precision=run.precision, sampler=run.sampler)
     return time.perf_counter() - start
 
 

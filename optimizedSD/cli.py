@@ -344,7 +344,8 @@ def generate(args) -> dict:
     try:
         plan = choose_plan(cfg, dtype, turbo=args.turbo, lowvram=args.lowvram, vram=getattr(args, "vram_bytes", None),
                            unet_bs=args.unet_bs, height=args.H, width=args.W, n_samples=args.n_samples,
-                           guided=args.scale != 1.0, encode=kind != "txt2img", precision=args.precision)
+                           guided=args.scale != 1.0, encode=kind != "txt2img", precision=args.precision,
+                           sampler=args.sampler)
     except PlanError as e:
         raise UsageError(str(e)) from None
     log(f"device: {device}; seed: {seed}; checkpoint: {ckpt or 'none (planning)'}")

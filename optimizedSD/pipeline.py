@@ -101,6 +101,7 @@ class Pipeline:
         self.long_prompts = long_prompts  # encode prompts whole in 75-token chunks, not cut at 75 (conditioning)
         self.redone_in_fp32 = 0  # images whose fp16 decode overflowed and was redone in fp32
         self.redone_in_upcast = 0  # UNet evaluations whose fp16 output overflowed and were redone in upcast
+        self.unet_evaluations = 0  # passes of a batch through the UNet (`_unet`), redos included
         self._posterior = None  # (image, mean, std) of the last image encoded (`encode`)
         self.schedule = self.schedule_of(cfg)
 
@@ -159,6 +160,7 @@ class Pipeline:
         """The UNet on a batch (N, C, h, w), cut in chunks of `unet_bs` rows, block-major: each block
         runs on every chunk before the next block, so a streamed block is on the device once per
         evaluation. Every chunk's activations between blocks (its skip connections) are kept."""
+        self.unet_evaluations += 1
         dtype = self._compute_dtype(upcast)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         # the dtype autocast would feed the fp16 projections; fp32 in upcast and full precision

@@ -73,22 +73,30 @@ def _meta_fragments(cfg: SDConfig, dtype: torch.dtype):
     return fragments
 
 
-def predict(cfg: SDConfig, dtype: torch.dtype, plan: MemoryPlan, height: int, width: int, batch: int,
-            guided: bool = True, encode: bool = False, *, precision: str = "autocast") -> tuple[dict[str, int], int]:
-    """(planned peak device bytes per phase, host->device bytes of one sampling step) of a CUDA run
-    with `plan` sampling `batch` images at once at `height` x `width`, computed in `precision`
-    (`dtype` is its weights' dtype: `weight_dtype(meta, precision)`). With `encode`, an img2img
-    run (the init image encoded, then sampled from); a 9-channel UNet plans inpainting.
+# Sampling steps a planning run takes so that the sampler's state carried between steps (previous
+# predictions of the multistep samplers) has reached its full size: every longer run peaks the same
+# (tests/test_planner.py checks each sampler against 3 more steps). Others: 2 (a first and a later step).
+SETTLED_STEPS = {"plms": 5, "lms": 5, "dpm2": 3, "dpm2_a": 3, "dpmpp_2m": 3}
 
-    One step on meta through the real pipeline: text encoding, (encoding,) sampling one DDIM step,
-    then decoding the batch's latents (a run of its own: a real run holds nothing else on the
-    device then). A step's peak and bytes are the same at every step, and both are exactly what a
-    full run of any number of steps gives (`Offloader.phase_bytes - setup_bytes`, per step; samplers
-    that evaluate the model twice per step, e.g. heun, move twice that). Units loaded once per
-    sampling loop (resident blocks, --turbo's UNet) are not per-step bytes."""
+
+def predict(cfg: SDConfig, dtype: torch.dtype, plan: MemoryPlan, height: int, width: int, batch: int,
+            guided: bool = True, encode: bool = False, *, precision: str = "autocast",
+            sampler: str = "ddim") -> tuple[dict[str, int], int]:
+    """(planned peak device bytes per phase, host->device bytes per UNet evaluation) of a CUDA run
+    with `plan` sampling `batch` images at once at `height` x `width` with `sampler`, computed in
+    `precision` (`dtype` is its weights' dtype: `weight_dtype(meta, precision)`). With `encode`, an
+    img2img run (the init image encoded, then sampled from); a 9-channel UNet plans inpainting.
+
+    A short run on meta through the real pipeline: text encoding, (encoding,) `SETTLED_STEPS` steps
+    of the sampler, then decoding the batch's latents (a run of its own: a real run holds nothing
+    else on the device then). Its peaks are exactly those of a run of any number of steps, and every
+    evaluation moves the same bytes (`Offloader.phase_bytes - setup_bytes`): one per step for most
+    samplers; heun, dpm2, dpm2_a, dpmpp_2s_a and dpmpp_sde evaluate twice per step (not at the last),
+    plms twice at its first. Units loaded once per sampling loop (resident blocks, --turbo's UNet)
+    are not per-evaluation bytes."""
     encodes = encode or cfg.unet.in_channels != cfg.channels  # 9 channels: inpainting encodes the masked image
     peaks, moved = _sample(cfg, dtype, plan.mode, plan.resident, plan.unet_bs, plan.tile and encodes, height, width,
-                           batch, guided, encode, precision)
+                           batch, guided, encode, precision, sampler)
     return {**peaks, "decode": _decode(cfg, dtype, plan.tile, height, width, batch, precision)}, moved
 
 
@@ -102,13 +110,14 @@ def _planning(cfg, dtype, mode, resident, unet_bs, tile, precision):
 
 
 @functools.lru_cache(maxsize=4096)
-def _sample(cfg, dtype, mode, resident, unet_bs, tile, height, width, batch, guided, encode, precision):
-    """({text, encode, sample: peak}, bytes per step) of a run's phases up to sampling (`predict`)."""
+def _sample(cfg, dtype, mode, resident, unet_bs, tile, height, width, batch, guided, encode, precision,
+            sampler="ddim"):
+    """({text, encode, sample: peak}, bytes per evaluation) of a run's phases up to sampling (`predict`)."""
     from .pipeline import SampleSettings
 
     pipe, meter = _planning(cfg, dtype, mode, resident, unet_bs, tile, precision)
     with using_policy(auto_policy("cuda")), meter:  # the kernels of the CUDA run planned
-        settings = SampleSettings("ddim", 1, scale=7.5 if guided else 1.0)
+        settings = SampleSettings(sampler, SETTLED_STEPS.get(sampler, 2), scale=7.5 if guided else 1.0)
         seeds = list(range(batch))
         image = (1, 3, height, width)  # the init image (and mask) live on the host, as in a real run
         if cfg.unet.in_channels != cfg.channels:  # a 9-channel inpainting UNet samples with mask and masked image
@@ -118,7 +127,9 @@ def _sample(cfg, dtype, mode, resident, unet_bs, tile, height, width, batch, gui
         else:
             pipe.txt2img_latents("plan", "", seeds, height, width, settings)
     engine = pipe.engine
-    return dict(engine.peaks), engine.phase_bytes["sample"] - engine.setup_bytes["sample"]
+    moved = engine.phase_bytes["sample"] - engine.setup_bytes["sample"]
+    assert moved % pipe.unet_evaluations == 0, "every evaluation moves the same bytes"
+    return dict(engine.peaks), moved // pipe.unet_evaluations
 
 
 @functools.lru_cache(maxsize=1024)
@@ -179,7 +190,8 @@ def step_seconds(n_samples: int, batch: int, unet_bs: int, streamed_bytes: int, 
 
 
 def plan_budget(cfg: SDConfig, dtype: torch.dtype, budget: int, height: int, width: int, n_samples: int,
-                guided: bool = True, encode: bool = False, *, precision: str = "autocast") -> MemoryPlan:
+                guided: bool = True, encode: bool = False, *, precision: str = "autocast",
+                sampler: str = "ddim") -> MemoryPlan:
     """The fastest settings, by `step_seconds`, whose planned peak in every phase is at most `budget`.
 
     Settings: images at once b (n_samples, then halvings), --unet_bs u (rows of b, then halvings),
@@ -205,11 +217,11 @@ def plan_budget(cfg: SDConfig, dtype: torch.dtype, budget: int, height: int, wid
     def plan_of(b, u, k, tile):
         mode, resident = ("turbo", ()) if k == len(units) else ("stream", tuple(units[:k]))
         peaks, _ = predict(cfg, dtype, MemoryPlan(mode, resident, b, u, tile), height, width, b, guided, encode,
-                           precision=precision)
+                           precision=precision, sampler=sampler)
         return MemoryPlan(mode, resident, b, u, tile, peaks)
 
     def sampling_fits(b, u, tile):  # with nothing resident; the phases before decoding only (cheaper)
-        peaks, _ = _sample(cfg, dtype, "stream", (), u, tile, height, width, b, guided, encode, precision)
+        peaks, _ = _sample(cfg, dtype, "stream", (), u, tile, height, width, b, guided, encode, precision, sampler)
         return max(peaks.values()) <= budget
 
     def seconds(b, u, k):
@@ -254,10 +266,11 @@ def plan_budget(cfg: SDConfig, dtype: torch.dtype, budget: int, height: int, wid
 
 def choose_plan(cfg: SDConfig, dtype: torch.dtype, *, turbo: bool, lowvram: bool, vram: int | None,
                 unet_bs: int, height: int, width: int, n_samples: int, guided: bool,
-                encode: bool = False, precision: str = "autocast") -> MemoryPlan:
+                encode: bool = False, precision: str = "autocast", sampler: str = "ddim") -> MemoryPlan:
     """The memory settings of a run: --turbo, --lowvram, --vram SIZE, or the four-fragment default."""
     if vram is not None:
-        return plan_budget(cfg, dtype, vram, height, width, n_samples, guided, encode, precision=precision)
+        return plan_budget(cfg, dtype, vram, height, width, n_samples, guided, encode, precision=precision,
+                           sampler=sampler)
     if lowvram:  # tiles only change images larger than one tile (512x512 pixels)
         return MemoryPlan("stream", (), None, unet_bs, tile=True)
     return MemoryPlan("turbo" if turbo else "default", (), None, unet_bs)
