@@ -73,7 +73,7 @@ class MetaMeter(TorchDispatchMode):
         self.live = 0  # bytes of live meta storages
         self.peak = 0  # since the meter started
         self._phase_peak = 0  # since the last phase_start()
-        self._call_peak = 0  # since a `_Replayed` call began recording
+        self._recordings: list[_Recording] = []  # the `_Replayed` calls being recorded, outermost first
         self._storages: dict[int, int] = {}  # storage id -> bytes counted
 
     def __enter__(self):
@@ -88,7 +88,8 @@ class MetaMeter(TorchDispatchMode):
         """Live bytes reached `nbytes` for a moment (a replayed call's peak)."""
         self.peak = max(self.peak, nbytes)
         self._phase_peak = max(self._phase_peak, nbytes)
-        self._call_peak = max(self._call_peak, nbytes)
+        for r in self._recordings:
+            r.peak = max(r.peak, nbytes)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -114,10 +115,17 @@ class MetaMeter(TorchDispatchMode):
         self._storages[key] = cuda_block_bytes(storage.nbytes())
         self.live += self._storages[key]
         self.reach(self.live)
+        for r in self._recordings:
+            r.alive.add(key)
         weakref.finalize(storage, self._release, key)
 
     def _release(self, key: int) -> None:
         self.live -= self._storages.pop(key)
+        for r in self._recordings:
+            if key in r.alive:
+                r.alive.discard(key)
+            else:
+                r.foreign = True
 
     def phase_start(self) -> None:
         self._phase_peak = self.live
@@ -201,11 +209,11 @@ class _Outputs:
             if not x.is_meta or x.storage_offset() or x.untyped_storage()._cdata in storages:
                 return None
             storages.add(x.untyped_storage()._cdata)
-            shape = _Shape((x.dtype, tuple(x.shape), tuple(x.stride())))
-            remade = torch.empty_strided(shape[1], shape[2], dtype=x.dtype, device="meta")
-            if remade.untyped_storage().nbytes() != x.untyped_storage().nbytes():
+            # the storage `empty_strided` allocates for this shape and stride (computed: no allocation)
+            span = 0 if x.numel() == 0 else 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride()))
+            if span * x.element_size() != x.untyped_storage().nbytes():
                 return None
-            recorded.append(shape)
+            recorded.append(_Shape((x.dtype, tuple(x.shape), tuple(x.stride()))))
         return cls(kind, recorded)
 
 
@@ -223,23 +231,41 @@ def replayable(module: torch.nn.Module) -> None:
         module.forward = _Replayed(module, module.forward)
 
 
+class _Recording:
+    """What happened on the device during a call being recorded: its peak, the storages it
+    allocated that are still alive, and whether it freed one it did not allocate."""
+
+    def __init__(self, live: int):
+        self.start = self.peak = live
+        self.alive: set[int] = set()
+        self.foreign = False
+
+
 class _Replayed:
     """A module's forward whose memory trace is recorded once per call signature under a MetaMeter:
     the module, every argument (tensors by shape, strides and dtype, all on meta), the attention
     policy and the torch-function modes active (e.g. `UpcastMode`). A later call with that signature
     raises the meter's peak to start + the recorded rise and returns fresh outputs of the recorded
-    shapes, without running an op. A call is recorded only when its outputs are fresh storages and
-    everything else it allocated was freed by its return (then the trace is exactly what running
-    it again would do); otherwise it always runs."""
+    shapes, without running an op (never while autograd records). A trace is kept only when the call
+    was pure on the device: it
+    freed nothing it had not allocated, and what it allocated and left alive is exactly its outputs
+    (fresh storages, no input's); then replaying is what running it again would do. Other calls
+    always run."""
 
     _TRACES: dict = {}  # signature -> (rise of live bytes above the start, `_Outputs`), or None
 
     def __init__(self, module, forward):
         self.module, self.forward = module, forward
 
+    def _graph(self, args, kwargs) -> bool:
+        """Autograd would record this call (its saved tensors outlive it): never replayed."""
+        return torch.is_grad_enabled() and (
+            any(p.requires_grad for p in self.module.parameters())
+            or any(isinstance(x, torch.Tensor) and x.requires_grad for x in _leaves((args, kwargs))))
+
     def __call__(self, *args, **kwargs):
         meter = _ACTIVE[-1] if _ACTIVE else None
-        key = None if meter is None else _key((args, kwargs))
+        key = None if meter is None or self._graph(args, kwargs) else _key((args, kwargs))
         if key is None:
             return self.forward(*args, **kwargs)
         from torch.overrides import _get_current_function_mode_stack
@@ -247,22 +273,23 @@ class _Replayed:
         from .attention import get_policy
 
         key = (self.module, key, get_policy(), tuple(type(m) for m in _get_current_function_mode_stack()))
-        start = meter.live
         trace = self._TRACES.get(key)
         if trace is not None:
             rise, outputs = trace
-            meter.reach(start + rise)
+            meter.reach(meter.live + rise)
             return outputs.make()
-        outer, meter._call_peak = meter._call_peak, start
-        out = self.forward(*args, **kwargs)
-        rise = meter._call_peak - start
-        meter._call_peak = max(outer, meter._call_peak)
+        record = _Recording(meter.live)
+        meter._recordings.append(record)
+        try:
+            out = self.forward(*args, **kwargs)
+        finally:
+            meter._recordings.remove(record)
         if key not in self._TRACES:
             outputs = _Outputs.record(out, (args, kwargs))
-            made = 0 if outputs is None else sum(
-                cuda_block_bytes(t.untyped_storage().nbytes()) for t in ((out,) if outputs.kind is None else out)
-                if isinstance(t, torch.Tensor))
-            self._TRACES[key] = (rise, outputs) if outputs is not None and meter.live - start == made else None
+            made = {t.untyped_storage()._cdata for t in ((out,) if isinstance(out, torch.Tensor) else _leaves(out))
+                    if isinstance(t, torch.Tensor)}
+            pure = outputs is not None and not record.foreign and record.alive == made
+            self._TRACES[key] = (record.peak - record.start, outputs) if pure else None
         return out
 
 
