@@ -104,9 +104,10 @@ def build_parser(kind: str = "txt2img") -> argparse.ArgumentParser:
       help="device memory budget, e.g. 2G or 1536M: keeps as much of the UNet on the device as fits, streams "
            "the rest block by block, and picks --unet_bs, images at once and tiled VAE encoding/decoding to fit")
     a("--json", action="store_true", help="print the run's figures (memory per phase, timings) as one JSON object")
-    a("--precision", type=str, default="autocast", choices=["autocast", "upcast", "full"],
+    a("--precision", type=str, default=None, choices=["autocast", "upcast", "full"],
       help="autocast: fp16 weights and autocast on CUDA; upcast: fp16 weights, each layer computed in fp32 "
-           "(about fp16's memory, no fp16 overflow: for GTX 16xx cards); full: fp32 (CPU always runs fp32)")
+           "(about fp16's memory, no fp16 overflow); full: fp32 (CPU always runs fp32). Default: upcast on "
+           "GTX 16xx cards (their fp16 gives black images), else autocast")
     a("--device", type=str, default=None,
       help="cuda, cuda:N, mps or cpu (default: cuda if available, else mps, else cpu); meta: plan a CUDA run "
            "shape-only (no checkpoint read, no image written) and print its peak device memory per phase")
@@ -307,7 +308,7 @@ def generate(args) -> dict:
     from .inputs import image_tensor, mask_tensor, paste_back
     from .memory import MetaMeter, meter_for
     from .offload import Offloader, unet_units
-    from .pipeline import Pipeline, SampleSettings, weight_dtype
+    from .pipeline import Pipeline, SampleSettings, default_precision, weight_dtype
     from .planner import PlanError, choose_plan, describe
     from .samplers import strength_steps
     from .tokenizer import VocabNotFoundError, get_tokenizer
@@ -320,6 +321,10 @@ def generate(args) -> dict:
     prompts = read_prompts(args)
     inputs = read_inputs(args, cfg.downsample_factor, log)
     device = resolve_device(args.device)
+    if args.precision is None:  # the card's default (pipeline.PRECISIONS)
+        args.precision, note = default_precision(device)
+        if note:
+            log(note)
     planning = device.type == "meta"  # shape-only: a CUDA run planned, nothing read or written
     ckpt = None if planning else find_checkpoint(args.ckpt)
     if kind == "inpaint" and ckpt is not None:
@@ -415,9 +420,11 @@ def generate(args) -> dict:
                     sampled_steps += steps
                     x = _decode_retrying(pipe, latents)
                     done += len(chunk)
+                    # the next batch must not find this one's latents and images on the device (as planned)
+                    batch = [] if planning else to_pil(x)
+                    del latents, x
                     if planning:
                         continue
-                    batch = to_pil(x)
                     if kind == "inpaint":  # the unmasked pixels are the init image's, exactly
                         batch = [paste_back(im, inputs["image"], inputs["mask"]) for im in batch]
                     images += batch

@@ -241,3 +241,21 @@ def test_a_2048_plan_of_16_images_completes():
           f"{len(plan.resident)} resident, {plan.batch} at once, unet_bs {plan.unet_bs}, tiled {plan.tile}, "
           f"peak {plan.peak() / GiB:.2f} GiB")
     assert plan.peak() <= 4 * GiB and plan.tile
+
+
+def test_a_run_of_several_batches_peaks_as_predict_plans_each(tmp_path, capsys, monkeypatch):
+    """--vram 2G, 10 images at 512x512: two batches of 5; the run's peaks (each batch finding nothing
+    of the previous one on the device) are predict's for a batch of 5."""
+    from optimizedSD.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["--device", "meta", "--n_samples", "10", "--ddim_steps", "2", "--sampler", "ddim", "--vram", "2G",
+                 "--json", "--outdir", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    figures = json.loads(out.strip().splitlines()[-1])
+    plan = plan_budget(CFG, FP16, 2 * GiB, 512, 512, 10)
+    assert figures["images_at_once"] == plan.batch == 5 and figures["mode"] == plan.mode
+    peaks, moved = predict(CFG, FP16, plan, 512, 512, 5)
+    assert figures["peak_bytes"] == peaks and max(peaks.values()) <= 2 * GiB
+    assert figures["host_to_device_bytes_per_step"] == moved
