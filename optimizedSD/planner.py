@@ -155,11 +155,11 @@ def skip_bytes(cfg: SDConfig, dtype: torch.dtype, height: int, width: int, preci
 
     upcast = PRECISIONS[precision].upcast
     compute = torch.float32 if upcast else dtype
-    f, unet = cfg.downsample_factor, cfg.unet
+    f, unet, half = cfg.downsample_factor, cfg.unet, _meta_fragments(cfg, dtype)[UNET_IN]
     with using_policy(auto_policy("cuda")), MetaMeter(), UpcastMode() if upcast else contextlib.nullcontext():
         c = Carry(torch.zeros(1, unet.in_channels, height // f, width // f, dtype=compute, device="meta"),
                   torch.zeros(1, 77, unet.context_dim, dtype=compute, device="meta"), torch.zeros(1, device="meta"))
-        for _, step in _meta_fragments(cfg, dtype)[UNET_IN].steps():
+        for _, step in half.steps():
             step(c)
         return sum(cuda_block_bytes(s.untyped_storage().nbytes()) for s in c.skips)
 
