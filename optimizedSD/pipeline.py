@@ -31,21 +31,18 @@ TILE = 64  # latent pixels per side of a VAE tile (512 image pixels), overlappin
 class Precision:
     weights: torch.dtype  # the fragments' dtype on CUDA and on `meta` (which plans a CUDA run); fp32 elsewhere
     upcast: bool  # every layer computed in fp32 from those weights (upcast.py)
-    meaning: str
 
 
 # Precision policy, in one place. CPU and MPS always hold and compute fp32.
 PRECISIONS = {
-    "autocast": Precision(torch.float16, False, "fp16 weights and torch.autocast on CUDA; a UNet step whose "
-                          "output overflows (NaN/inf) is redone in upcast"),
-    "upcast": Precision(torch.float16, True, "fp16 weights, each layer computed in fp32 (the weight cast just "
-                        "before use): about fp16's memory, no fp16 overflow; the default on GTX 16xx"),
-    "full": Precision(torch.float32, False, "fp32 weights and arithmetic"),
+    "autocast": Precision(torch.float16, False),  # torch.autocast on CUDA; an overflowing UNet step redone in upcast
+    "upcast": Precision(torch.float16, True),  # fp16's memory, fp32 arithmetic: no fp16 overflow
+    "full": Precision(torch.float32, False),
 }
 # Turing chips without tensor cores (TU116, TU117): compute capability 7.5 like the RTX 20xx, but their
-# fp16 convolutions give NaN, i.e. black or green images (pytorch#58123, webui#1918): GeForce GTX 16xx,
-# MX450/MX550, and the workstation T400-T2000.
-FP16_BROKEN = re.compile(r"GTX 16\d\d|\bMX[45]50\b|\bT(400|500|550|600|1000|1200|2000)\b")
+# fp16 convolutions give NaN, i.e. black or green images (pytorch#58123, webui#1918): the GeForce
+# GTX 16xx ("GTX 16" in the name), and the MX450/MX550 and T400-T2000 of the same chips.
+FP16_BROKEN_TU117 = re.compile(r"\bMX[45]50\b|\bT(400|500|550|600|1000|1200|2000)\b")
 
 
 def weight_dtype(device: torch.device, precision: str) -> torch.dtype:
@@ -55,13 +52,13 @@ def weight_dtype(device: torch.device, precision: str) -> torch.dtype:
 
 def default_precision(device: torch.device) -> tuple[str, str | None]:
     """(precision, a note to print or None) when --precision is not given: "upcast" on a CUDA card
-    whose fp16 arithmetic is broken (`FP16_BROKEN`, by name: "GTX 16" always; the others at compute
+    whose fp16 arithmetic is broken (by name: "GTX 16" always; `FP16_BROKEN_TU117` at compute
     capability 7.5), else "autocast"."""
     device = torch.device(device)
     if device.type != "cuda":
         return "autocast", None
     name = torch.cuda.get_device_name(device)
-    if "GTX 16" in name or (FP16_BROKEN.search(name) and torch.cuda.get_device_capability(device) == (7, 5)):
+    if "GTX 16" in name or (FP16_BROKEN_TU117.search(name) and torch.cuda.get_device_capability(device) == (7, 5)):
         return "upcast", (f"note: {name} computes fp16 wrongly (black images); using --precision upcast "
                           "(fp16 weights, fp32 arithmetic)")
     return "autocast", None
