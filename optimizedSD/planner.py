@@ -202,9 +202,11 @@ def plan_budget(cfg: SDConfig, dtype: torch.dtype, budget: int, height: int, wid
 
     Search (branch and bound, every figure from `predict`): (b, u) pairs in order of their best
     possible time (everything resident); a pair is skipped when even that cannot beat the best plan
-    found, or when a pair with no more images and no larger u did not fit with nothing resident
-    (memory grows with b and u). For a pair that fits, a binary search finds the most resident
-    blocks that fit, starting from the fewest that could beat the best plan so far.
+    found, or when a pair with at most as many images and at most as large a u did not fit with
+    nothing resident (memory grows with b and u), or when the skip connections of its rows alone
+    (`skip_bytes`) exceed the budget. For a pair that fits, a binary search finds the most resident
+    blocks that fit (memory grows with them), starting from the fewest that could beat the best plan
+    so far. Tiling is decided once per b (the VAE phases depend on b and tiling alone).
     """
     fragments = _meta_fragments(cfg, dtype)
     units = [u for u, _ in unet_units(fragments)]
@@ -220,9 +222,10 @@ def plan_budget(cfg: SDConfig, dtype: torch.dtype, budget: int, height: int, wid
                            precision=precision, sampler=sampler)
         return MemoryPlan(mode, resident, b, u, tile, peaks)
 
-    def sampling_fits(b, u, tile):  # with nothing resident; the phases before decoding only (cheaper)
-        peaks, _ = _sample(cfg, dtype, "stream", (), u, tile, height, width, b, guided, encode, precision, sampler)
-        return max(peaks.values()) <= budget
+    def sampling_fits(b, u):  # with nothing resident (a run of the phases up to sampling: no decode, cheaper)
+        peaks, _ = _sample(cfg, dtype, "stream", (), u, bool(tiles.get(b)), height, width, b, guided, encode,
+                           precision, sampler)
+        return peaks["sample"] <= budget
 
     def seconds(b, u, k):
         return step_seconds(n_samples, b, u, streamed[k], guided)
@@ -236,10 +239,10 @@ def plan_budget(cfg: SDConfig, dtype: torch.dtype, budget: int, height: int, wid
     for b, u in pairs:
         if seconds(b, u, len(units)) >= best_seconds:
             break  # sorted by this bound: no later pair can beat the best either
-        if any(b >= b0 and u >= u0 for b0, u0 in unfit) or not sampling_fits(b, u, bool(tiles.get(b))):
+        if any(b >= b0 and u >= u0 for b0, u0 in unfit) or not sampling_fits(b, u):
             unfit.append((b, u))
             continue
-        if b not in tiles:  # the VAE phases depend on b and tiling alone
+        if b not in tiles:  # the other phases depend on b and tiling alone
             tiles[b] = next((tile for tile in (False, True) if plan_of(b, u, 0, tile).peak() <= budget), None)
         if tiles[b] is None:
             unfit.append((b, 1))

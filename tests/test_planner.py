@@ -105,6 +105,8 @@ def test_tiled_encode_keeps_a_large_img2img_low():
     tiled, _ = predict(CFG, FP16, MemoryPlan("stream", tile=True), 2048, 2048, 1, encode=True)
     assert untiled["encode"] >= 2 * GiB and tiled["encode"] <= 0.5 * GiB
     assert tiled["sample"] == untiled["sample"]  # tiles change the VAE only
+    plan = plan_budget(CFG, FP16, 3 * GiB, 2048, 2048, 1, encode=True)  # fits with tiles only
+    assert plan.tile and plan.peak() <= 3 * GiB and plan.peaks["encode"] == tiled["encode"]
 
 
 def test_cli_plans_without_a_checkpoint(tmp_path, capsys, monkeypatch):
