@@ -1,6 +1,8 @@
 """Benchmark memory modes and sizes: seconds per image and per step, peak device memory per phase,
-host->device bytes per step, host RAM peak. Each configuration is a full txt2img run (images are
-not saved).
+host->device bytes per step, host RAM peak, planning time. Each configuration is a full txt2img run
+(images are not saved), after its plan (`choose_plan` and `predict` for each batch size of the run)
+is timed on its own (`plan_seconds`; the planner's one-time setup, imports and the model built on
+meta, is timed before the first row: `planner setup`).
 
     python optimizedSD/bench.py --device meta --sizes 512 768 1024 2048          # planned, full-size model
     python optimizedSD/bench.py --device cpu --config configs/tiny.yaml --ckpt t.ckpt --sizes 64
@@ -45,11 +47,12 @@ def main(argv=None) -> int:
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), help=f"any of lowvram, default, turbo, vram=SIZE (default: {' '.join(CONFIGS)})")
     p.add_argument("--sizes", nargs="+", type=int, default=[512], help="square image sizes in pixels")
     p.add_argument("--device", default=None, help="cuda, cpu, mps, or meta to plan a CUDA run")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 1 on meta, else 20)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: 2 on meta, where a DDIM run peaks as any longer one; else 20)")
     p.add_argument("--n_samples", type=int, default=1)
     p.add_argument("--ckpt", default=None)
     p.add_argument("--config", default=None)
-    p.add_argument("--precision", default="autocast", choices=["autocast", "full"])
+    p.add_argument("--precision", default="autocast", choices=["autocast", "upcast", "full"])
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of a table")
     p.add_argument("--load", metavar="CKPT", default=None,
                    help="instead: load CKPT into fp16 fragments and report this process's host RAM peak "
@@ -57,8 +60,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.load:
         return bench_load(args.load, args.config, args.json)
-    steps = args.steps or (1 if args.device == "meta" else 20)
+    steps = args.steps or (2 if args.device == "meta" else 20)
     rows = []
+    setup = plan_setup_seconds(args.config, args.precision)
+    print(f"planner setup (imports, model built on meta): {setup:.2f} s", file=sys.stderr if args.json else sys.stdout)
     with tempfile.TemporaryDirectory() as out:
         for size in args.sizes:
             for name in args.configs:
@@ -72,15 +77,49 @@ def main(argv=None) -> int:
                 run = build_parser("txt2img").parse_args(argv)
                 run.json = True  # logs to stderr
                 try:
+                    planning = plan_seconds(run)
                     figures = generate(run)
                 except UsageError as e:
-                    figures = {"error": str(e)}
-                rows.append(dict(config=name, size=size, host_ram_peak_bytes=host_ram_peak(), **figures))
+                    planning, figures = None, {"error": str(e)}
+                rows.append(dict(config=name, size=size, host_ram_peak_bytes=host_ram_peak(), plan_seconds=planning,
+                                 **figures))
                 if not args.json:
                     print(format_row(rows[-1], first=len(rows) == 1), flush=True)
     if args.json:
         print(json.dumps(rows))
     return 0
+
+
+def plan_setup_seconds(config: str | None, precision: str) -> float:
+    """Seconds to import the planner and build the model on meta (once per process)."""
+    import time
+
+    start = time.perf_counter()
+    import torch
+
+    from optimizedSD.config import SDConfig
+    from optimizedSD.pipeline import weight_dtype
+    from optimizedSD.planner import _meta_fragments
+
+    _meta_fragments(SDConfig.from_yaml(config) if config else SDConfig(), weight_dtype(torch.device("meta"), precision))
+    return time.perf_counter() - start
+
+
+def plan_seconds(run) -> float:
+    """Seconds to plan `run` on meta as `--device meta` does (the engine: `choose_plan`, with the
+    --vram search if any, then `predict` once per batch size of the run)."""
+    import time
+
+    from optimizedSD.cli import check_flags, requests_of
+    from optimizedSD.engine import Engine
+    from optimizedSD.model import resolve_model
+
+    check_flags(run)
+    spec = resolve_model(None, run.config, demo=run.demo, device="meta", precision=run.precision)
+    request = requests_of(run, spec, lambda *a: None)[0]
+    start = time.perf_counter()
+    list(Engine(spec).render(request))
+    return time.perf_counter() - start
 
 
 def bench_load(ckpt: str, config: str | None, as_json: bool) -> int:
@@ -116,15 +155,17 @@ def bench_load(ckpt: str, config: str | None, as_json: bool) -> int:
 
 def format_row(row: dict, first: bool) -> str:
     gib = lambda n: f"{n / 2**30:.2f}" if n is not None else "-"  # noqa: E731
-    head = "| config | size | s/image | s/step | text GiB | sample GiB | decode GiB | H2D GiB/step | unet_bs | tiled | host RAM GiB |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+    head = ("| config | size | n | s/image | s/step | text GiB | sample GiB | decode GiB | H2D GiB/step | images at once "
+            "| unet_bs | resident blocks | tiled | plan s | host RAM GiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     if "error" in row:
         line = f"| {row['config']} | {row['size']} | {row['error']} |"
     else:
         peaks = row["peak_bytes"]
-        line = (f"| {row['config']} | {row['size']}² | {row['seconds_per_image']:.2f} | {row['seconds_per_step']:.3f} | "
-                f"{gib(peaks.get('text'))} | {gib(peaks.get('sample'))} | {gib(peaks.get('decode'))} | "
-                f"{gib(row['host_to_device_bytes_per_step'])} | {row['unet_bs']} | {'yes' if row['tiled_vae'] else 'no'} | "
-                f"{gib(row['host_ram_peak_bytes'])} |")
+        line = (f"| {row['config']} | {row['size']}² | {row['images']} | {row['seconds_per_image']:.2f} | "
+                f"{row['seconds_per_step']:.3f} | {gib(peaks.get('text'))} | {gib(peaks.get('sample'))} | "
+                f"{gib(peaks.get('decode'))} | {gib(row['host_to_device_bytes_per_step'])} | {row['images_at_once']} | "
+                f"{row['unet_bs']} | {row['resident_blocks'] if row['mode'] == 'stream' else row['mode']} | "
+                f"{'yes' if row['tiled_vae'] else 'no'} | {row['plan_seconds']:.2f} | {gib(row['host_ram_peak_bytes'])} |")
     return (head if first else "") + line
 
 

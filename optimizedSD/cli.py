@@ -99,8 +99,10 @@ def build_parser(kind: str = "txt2img") -> argparse.ArgumentParser:
       help="device memory budget, e.g. 2G or 1536M: keeps as much of the UNet on the device as fits, streams "
            "the rest block by block, and picks --unet_bs, images at once and tiled VAE encoding/decoding to fit")
     a("--json", action="store_true", help="print the run's figures (memory per phase, timings) as one JSON object")
-    a("--precision", type=str, default="autocast", choices=["autocast", "full"],
-      help="autocast: fp16 weights and autocast on CUDA; full: fp32 (CPU always runs fp32)")
+    a("--precision", type=str, default=None, choices=["autocast", "upcast", "full"],
+      help="autocast: fp16 weights and autocast on CUDA; upcast: fp16 weights, each layer computed in fp32 "
+           "(about fp16's memory, no fp16 overflow); full: fp32 (CPU always runs fp32). Default: upcast on "
+           "GTX 16xx cards (their fp16 gives black images), else autocast")
     a("--device", type=str, default=None,
       help="cuda, cuda:N, mps or cpu (default: cuda if available, else mps, else cpu); meta: plan a CUDA run "
            "shape-only (no checkpoint read, no image written) and print its peak device memory per phase")
@@ -202,7 +204,7 @@ def generate(args) -> dict:
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     check_flags(args)
     spec = resolve_model(args.ckpt, args.config, demo=args.demo, device=args.device, precision=args.precision,
-                         ema=args.ema)
+                         ema=args.ema, notify=log)
     check_model_flags(args, spec.cfg)
     requests = requests_of(args, spec, log)
     first = requests[0]
@@ -236,6 +238,9 @@ def generate(args) -> dict:
     figures = stats.figures(spec.device, first.width, first.height)
     if stats.redone_in_fp32:
         warn(f"note: {stats.redone_in_fp32} fp16 decode(s) overflowed and were redone in fp32")
+    if stats.redone_in_upcast:
+        warn(f"note: {stats.redone_in_upcast} fp16 UNet step(s) overflowed (NaN/inf) and were redone in fp32 "
+             "arithmetic; --precision upcast computes every step that way")
     log(_memory_line(figures, spec.planning))
     if not spec.planning:
         seconds, total = stats.seconds, stats.images

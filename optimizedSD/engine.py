@@ -51,6 +51,7 @@ class RunStats:
     sample_bytes: int = 0  # host->device while sampling
     peaks: dict = field(default_factory=dict)  # phase -> bytes
     redone_in_fp32: int = 0  # fp16 decodes that overflowed
+    redone_in_upcast: int = 0  # fp16 UNet evaluations that overflowed, redone in fp32 arithmetic
     last_plan: object = None  # the MemoryPlan of the last render
     unet_bs: int = 1  # as the last render ended (after any retry)
     images_at_once: int = 1
@@ -70,7 +71,7 @@ class RunStats:
                     unet_bs=self.unet_bs, images_at_once=self.images_at_once, tiled_vae=self.tiled_vae,
                     peak_bytes=dict(self.peaks),
                     host_to_device_bytes_per_step=self.sample_bytes // max(1, self.sampled_steps),
-                    fp16_decodes_redone_in_fp32=self.redone_in_fp32)
+                    fp16_decodes_redone_in_fp32=self.redone_in_fp32, unet_steps_redone_in_upcast=self.redone_in_upcast)
 
 
 class Engine:
@@ -114,14 +115,15 @@ class Engine:
         """The memory plan of a completed request (`planner.choose_plan`), cached per shape and mode."""
         from .planner import PlanError, choose_plan
 
-        key = (r.memory, r.unet_bs, r.width, r.height, r.n_samples, r.guided, r.kind != "txt2img")
+        key = (r.memory, r.unet_bs, r.width, r.height, r.n_samples, r.guided, r.kind != "txt2img", r.sampler)
         if key not in self._plans:
             budget = check_memory(r.memory, CLI_LABELS["memory"])
             try:
                 self._plans[key] = choose_plan(self.cfg, self.spec.dtype, turbo=r.memory == "turbo",
                                                lowvram=r.memory == "lowvram", vram=budget, unet_bs=r.unet_bs,
                                                height=r.height, width=r.width, n_samples=r.n_samples,
-                                               guided=r.guided, encode=r.kind != "txt2img")
+                                               guided=r.guided, encode=r.kind != "txt2img",
+                                               precision=self.spec.precision, sampler=r.sampler)
             except PlanError as e:
                 raise RequestError(str(e)) from None
         return self._plans[key]
@@ -145,7 +147,8 @@ class Engine:
                 self._engine.close()
             self._engine = Offloader(self.fragments, self.device, plan.mode, plan.resident, meter=meter_for(self.device))
             self._placement = placement
-        return Pipeline(self.cfg, self._engine, dtype=self.spec.dtype, unet_bs=plan.unet_bs, tile=plan.tile)
+        return Pipeline(self.cfg, self._engine, dtype=self.spec.dtype, unet_bs=plan.unet_bs, tile=plan.tile,
+                        precision=self.spec.precision)
 
     # ---- rendering -----------------------------------------------------------------------------
     def render(self, request: Request, on_step: Callable[[int, int], None] | None = None,
@@ -172,7 +175,7 @@ class Engine:
         pipe = self._pipeline(plan)
         pipe.long_prompts = r.long_prompts
         engine = self._engine
-        engine.peaks, engine.phase_bytes = {}, {}
+        engine.peaks, engine.phase_bytes, engine.setup_bytes = {}, {}, {}
         settings = SampleSettings(sampler=r.sampler, steps=r.steps, scale=r.scale, eta=r.eta, karras=r.karras)
         steps = sampled_steps(self.cfg, r)
         f = self.cfg.downsample_factor
@@ -218,6 +221,7 @@ class Engine:
                         continue
                     stats.sampled_steps += steps
                     images = to_pil(self._decode(pipe, latents))
+                    del latents  # the next batch must not find this one's latents on the device (as planned)
                     if r.kind == "inpaint":  # the unmasked pixels are the init image's, exactly
                         images = [paste_back(im, r.init_image, r.mask) for im in images]
                     base = it * r.n_samples + done
@@ -227,8 +231,10 @@ class Engine:
         finally:
             stats.seconds += time.perf_counter() - start
             stats.add_peaks(engine.peaks)
-            stats.sample_bytes += engine.phase_bytes.get("sample", 0)
+            # per step: not the units loaded once per sampling loop (resident blocks, --turbo's UNet)
+            stats.sample_bytes += engine.phase_bytes.get("sample", 0) - engine.setup_bytes.get("sample", 0)
             stats.redone_in_fp32 += pipe.redone_in_fp32
+            stats.redone_in_upcast += pipe.redone_in_upcast
             stats.unet_bs, stats.images_at_once, stats.tiled_vae = pipe.unet_bs, batch_size, pipe.tile
 
     @staticmethod
@@ -243,21 +249,21 @@ class Engine:
                                     fixed_noise=fixed, callback=step)
 
     def _plan_only(self, r: Request, plan, stats: RunStats) -> None:
-        """`meta`: the run's figures from one sampling step per distinct batch size (`predict`); the
-        host->device bytes of that step, times the model evaluations per step of the run's sampler."""
+        """`meta`: the run's figures from a short run per distinct batch size (`planner.predict`): its
+        peaks are any run's, its host->device bytes per UNet evaluation times the evaluations of the
+        run's sampler give the bytes per step."""
         from .planner import predict
 
         start = time.perf_counter()
         batch = plan.batch or r.n_samples
         sizes = [batch] * (r.n_samples // batch) + ([r.n_samples % batch] if r.n_samples % batch else [])
-        steps = sampled_steps(self.cfg, r)
-        per_step = model_evals(self.cfg, r) / steps
+        steps, evals = sampled_steps(self.cfg, r), model_evals(self.cfg, r)
         for size in sorted(set(sizes)):
-            peaks, step_bytes = predict(self.cfg, self.spec.dtype, plan, r.height, r.width, size, r.guided,
-                                        encode=r.kind != "txt2img")
+            peaks, per_eval = predict(self.cfg, self.spec.dtype, plan, r.height, r.width, size, r.guided,
+                                      encode=r.kind != "txt2img", precision=self.spec.precision, sampler=r.sampler)
             stats.add_peaks(peaks)
             runs = r.n_iter * sizes.count(size)
-            stats.sample_bytes += round(step_bytes * per_step * steps) * runs
+            stats.sample_bytes += per_eval * evals * runs
             stats.sampled_steps += steps * runs
         stats.images += r.n_iter * r.n_samples
         stats.seconds += time.perf_counter() - start

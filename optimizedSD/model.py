@@ -53,9 +53,11 @@ class ModelSpec:
 
 
 def resolve_model(ckpt: str | Path | None = None, config: str | Path | None = None, *, demo: bool = False,
-                  device: str | None = None, precision: str | None = None, ema: bool = False) -> ModelSpec:
-    """The model to load, found and checked (see the module docstring); nothing is loaded."""
-    from .pipeline import PRECISIONS, weight_dtype
+                  device: str | None = None, precision: str | None = None, ema: bool = False,
+                  notify: Callable[[str], None] = lambda message: None) -> ModelSpec:
+    """The model to load, found and checked (see the module docstring); nothing is loaded. Without a
+    `precision`, the device's (`pipeline.default_precision`: upcast on GTX 16xx cards, said to `notify`)."""
+    from .pipeline import PRECISIONS, default_precision, weight_dtype
 
     if demo:
         ckpt = ckpt or _demo_file(DEMO_CKPT)
@@ -65,7 +67,10 @@ def resolve_model(ckpt: str | Path | None = None, config: str | Path | None = No
     except ConfigError as e:
         raise RequestError(str(e)) from None
     device = resolve_device(device)
-    precision = precision or "autocast"
+    if precision is None:
+        precision, note = default_precision(device)
+        if note:
+            notify(note)
     if precision not in PRECISIONS:
         raise RequestError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     path = None if device.type == "meta" else find_checkpoint(ckpt)

@@ -14,9 +14,15 @@ Modes (which units stay on the device during a phase is data: `RESIDENT[mode][ph
   whole for its share of every step.
 - "turbo": both UNet halves stay on the device for the whole sampling loop.
 - "stream": the UNet units in `resident` stay for the sampling loop; every other UNet block is
-  streamed: put on the device just before it runs and dropped right after, while the next streamed
-  block is prefetched (on CUDA: from pinned memory on a side stream, synchronised with an event).
+  streamed: put on the device when the pipeline enters it (`block(unit)`) and dropped when it leaves,
+  while the next streamed block is prefetched (on CUDA: from pinned memory on a side stream,
+  synchronised with an event). The pipeline runs each block on every chunk of rows of a model
+  evaluation before the next block (block-major), so one evaluation moves each streamed block once.
   `resident=()` is the lowest-memory setting (`--lowvram`); a budget (`--vram`) picks `resident`.
+
+Bytes moved are counted per phase (`phase_bytes`); the part loaded when a phase begins (its resident
+units: e.g. the whole UNet of --turbo, once per sampling loop) is also in `setup_bytes`, so
+`phase_bytes - setup_bytes` of "sample" is what the model evaluations moved.
 """
 from __future__ import annotations
 
@@ -101,6 +107,7 @@ class Offloader:
         self.bytes_moved = 0
         self.peaks: dict[str, int] = {}  # phase -> peak device bytes (where the meter can tell)
         self.phase_bytes: dict[str, int] = {}  # phase -> host->device bytes moved during it
+        self.setup_bytes: dict[str, int] = {}  # phase -> of those, the resident units loaded as it began
         self._phase: str | None = None
         self.failed_phase: str | None = None  # the phase the last exception left (out-of-memory retries)
         # The host masters, captured once: unit -> [(owner module, kind, name, cpu parameter/buffer)].
@@ -108,26 +115,20 @@ class Offloader:
         self._prefetched: dict[str, tuple] = {}  # unit -> (event or None, [device copies])
         self._order = [u for u, _ in unet_units(fragments)]
         self._streamed = [u for u in self._order if u not in self.resident] if mode == "stream" else []
+        # unit -> the first streamed block after it in run order (None after the last)
+        self._next_streamed = {u: next((v for v in self._order[i + 1:] if v in self._streamed), None)
+                               for i, u in enumerate(self._order)}
         self._side = None
-        self._hooks = []  # removed by close()
-        if self._streamed and self.offloading:
-            for u in self._streamed:
-                block, = modules[u]
-                self._hooks += [block.register_forward_pre_hook(lambda mod, args, u=u: self._before_block(u)),
-                                block.register_forward_hook(lambda mod, args, out, u=u: self._after_block(u))]
-            if self.device.type == "cuda":
-                self._pin(self._streamed)
-                self._side = torch.cuda.Stream(self.device)
+        if self._streamed and self.offloading and self.device.type == "cuda":
+            self._pin(self._streamed)
+            self._side = torch.cuda.Stream(self.device)
 
     def close(self) -> None:
-        """Give the modules back as they were: every unit off the device, the streaming hooks removed
-        (the engine makes a new Offloader over the same fragments when the memory plan changes)."""
+        """Every unit off the device (the engine makes a new Offloader over the same fragments when
+        the memory plan changes)."""
         for unit in list(self.on_device):
             self._drop(unit)
         self._prefetched.clear()
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
 
     @property
     def offloading(self) -> bool:
@@ -188,17 +189,27 @@ class Offloader:
                 pinned.append((owner, kind, attr, p))
             self._masters[u] = pinned
 
-    # ---- streaming hooks -------------------------------------------------------------------------
-    def _before_block(self, unit: str) -> None:
-        if self._phase != "sample":
+    # ---- streaming -------------------------------------------------------------------------------
+    @contextmanager
+    def block(self, unit: str):
+        """The UNet block `unit` runs inside this context (on every chunk of rows of one evaluation).
+        While sampling in stream mode: a streamed block is loaded (or its prefetched copy taken) and
+        dropped at the end; the next streamed block in run order is prefetched meanwhile. Not across
+        evaluations: the first streamed block of the next one is prefetched when it begins, so each
+        evaluation moves each streamed block exactly once. Otherwise nothing happens here."""
+        streaming = self._phase == "sample" and bool(self._streamed) and self.offloading
+        if not streaming:
+            yield
             return
-        self._load(unit)
-        i = self._streamed.index(unit)
-        self._prefetch(self._streamed[(i + 1) % len(self._streamed)])  # the next block, while this one runs
-
-    def _after_block(self, unit: str) -> None:
-        if self._phase == "sample":
-            self._drop(unit)
+        if unit in self._streamed:
+            self._load(unit)
+        if self._next_streamed[unit]:
+            self._prefetch(self._next_streamed[unit])  # copied while this block computes
+        try:
+            yield
+        finally:
+            if unit in self._streamed:
+                self._drop(unit)
 
     # ---- phases and use --------------------------------------------------------------------------
     def _resident_units(self) -> set[str]:
@@ -216,13 +227,14 @@ class Offloader:
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}")
         self._phase = phase
-        moved = self.bytes_moved
+        moved, setup = self.bytes_moved, 0
         self.meter.phase_start()
         try:
             resident = self._resident_units()
             for unit in self._order + list(self._masters):  # UNet blocks in run order, then the rest
                 if unit in resident:
                     self._load(unit)
+            setup = self.bytes_moved - moved
             yield self
         except BaseException:
             self.failed_phase = phase
@@ -235,6 +247,7 @@ class Offloader:
             if peak is not None:
                 self.peaks[phase] = max(self.peaks.get(phase, 0), peak)
             self.phase_bytes[phase] = self.phase_bytes.get(phase, 0) + self.bytes_moved - moved
+            self.setup_bytes[phase] = self.setup_bytes.get(phase, 0) + setup
             self._phase = None
 
     def _units_named(self, name: str) -> list[str]:

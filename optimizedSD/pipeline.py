@@ -7,6 +7,7 @@ image whatever the device, batch size or `unet_bs`.
 """
 from __future__ import annotations
 
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -14,23 +15,53 @@ import torch
 import torch.nn.functional as F
 
 from .config import SDConfig
-from .fragments import TEXT_ENCODER, UNET_IN, UNET_OUT
-from .offload import VAE_DECODER, VAE_ENCODER, Offloader
+from .fragments import TEXT_ENCODER
+from .offload import UNET_HALVES, VAE_DECODER, VAE_ENCODER, Offloader
 from .prompts import parse_weighted
 from .samplers import SAMPLERS, EpsDenoiser, KnownRegion, Schedule, make_plan, strength_steps, takes_noise
 from .tiling import decode_safe, decode_tiled, encode_tiled
 from .tokenizer import get_tokenizer
+from .unet import Carry
+from .upcast import UpcastMode
 
 TILE = 64  # latent pixels per side of a VAE tile (512 image pixels), overlapping by 16
 
-# Precision policy, in one place: which dtype the fragments' weights take on each device.
-# "autocast" means fp16 weights and torch.autocast on CUDA; everything else computes in fp32.
-PRECISIONS = ("autocast", "full")
+
+@dataclass(frozen=True)
+class Precision:
+    weights: torch.dtype  # the fragments' dtype on CUDA and on `meta` (which plans a CUDA run); fp32 elsewhere
+    upcast: bool  # every layer computed in fp32 from those weights (upcast.py)
+
+
+# Precision policy, in one place. CPU and MPS always hold and compute fp32.
+PRECISIONS = {
+    "autocast": Precision(torch.float16, False),  # torch.autocast on CUDA; an overflowing UNet step redone in upcast
+    "upcast": Precision(torch.float16, True),  # fp16's memory, fp32 arithmetic: no fp16 overflow
+    "full": Precision(torch.float32, False),
+}
+# Turing chips without tensor cores (TU116, TU117): compute capability 7.5 like the RTX 20xx, but their
+# fp16 convolutions give NaN, i.e. black or green images (pytorch#58123, webui#1918): the GeForce
+# GTX 16xx ("GTX 16" in the name), and the MX450/MX550 and T400-T2000 of the same chips.
+FP16_BROKEN_TU117 = re.compile(r"\bMX[45]50\b|\bT(400|500|550|600|1000|1200|2000)\b")
 
 
 def weight_dtype(device: torch.device, precision: str) -> torch.dtype:
-    """fp16 for autocast on CUDA and on `meta` (which plans a CUDA run); fp32 otherwise."""
-    return torch.float16 if precision == "autocast" and device.type in ("cuda", "meta") else torch.float32
+    """The fragments' dtype: the precision's on CUDA and on `meta`; fp32 on CPU and MPS."""
+    return PRECISIONS[precision].weights if device.type in ("cuda", "meta") else torch.float32
+
+
+def default_precision(device: torch.device) -> tuple[str, str | None]:
+    """(precision, a note to print or None) when --precision is not given: "upcast" on a CUDA card
+    whose fp16 arithmetic is broken (by name: "GTX 16" always; `FP16_BROKEN_TU117` at compute
+    capability 7.5), else "autocast"."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "autocast", None
+    name = torch.cuda.get_device_name(device)
+    if "GTX 16" in name or (FP16_BROKEN_TU117.search(name) and torch.cuda.get_device_capability(device) == (7, 5)):
+        return "upcast", (f"note: {name} computes fp16 wrongly (black images); using --precision upcast "
+                          "(fp16 weights, fp32 arithmetic)")
+    return "autocast", None
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -55,15 +86,19 @@ class SampleSettings:
 
 class Pipeline:
     def __init__(self, cfg: SDConfig, engine: Offloader, dtype: torch.dtype = torch.float32, unet_bs: int = 1,
-                 tile: bool = False, long_prompts: bool = False):
+                 tile: bool = False, long_prompts: bool = False, precision: str = "autocast"):
         self.cfg = cfg
         self.engine = engine
         self.device = engine.device
-        self.dtype = dtype
+        self.dtype = dtype  # the fragments' weights (`weight_dtype`)
+        # fp32 arithmetic from half-precision weights (`PRECISIONS`); with fp32 weights nothing to do
+        self.upcast = PRECISIONS[precision].upcast and dtype != torch.float32
         self.unet_bs = max(1, int(unet_bs))
         self.tile = tile  # encode and decode in overlapping tiles (tiling.py), for large images on little memory
         self.long_prompts = long_prompts  # encode prompts whole in 75-token chunks, not cut at 75 (conditioning)
         self.redone_in_fp32 = 0  # images whose fp16 decode overflowed and was redone in fp32
+        self.redone_in_upcast = 0  # UNet evaluations whose fp16 output overflowed and were redone in upcast
+        self.unet_evaluations = 0  # passes of a batch through the UNet (`_unet`), redos included
         self._posterior = None  # (image, mean, std) of the last image encoded (`encode`)
         self.schedule = self.schedule_of(cfg)
 
@@ -71,7 +106,14 @@ class Pipeline:
     def schedule_of(cfg: SDConfig) -> Schedule:
         return Schedule(cfg.linear_start, cfg.linear_end, cfg.timesteps)
 
-    def _autocast(self):
+    def _compute_dtype(self, upcast: bool) -> torch.dtype:
+        return torch.float32 if upcast else self.dtype
+
+    def _compute(self, upcast: bool):
+        """The arithmetic of the precision: fp32 from the weights (upcast), CUDA autocast with fp16
+        weights, or plainly the weights' dtype."""
+        if upcast:
+            return UpcastMode()
         if self.dtype == torch.float16 and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.float16)
         return nullcontext()
@@ -90,7 +132,7 @@ class Pipeline:
         tokenizer = get_tokenizer()
         rows = tokenizer.chunks(texts) if self.long_prompts else tokenizer(texts)[:, None]  # (T, K, 77)
         tokens = rows.flatten(0, 1).to(self.device)  # (T * K, 77): one encoder row per chunk
-        with self.engine.phase("text"), self.engine.use(TEXT_ENCODER) as encoder, self._autocast():
+        with self.engine.phase("text"), self.engine.use(TEXT_ENCODER) as encoder, self._compute(self.upcast):
             states = encoder(tokens).float()  # (T * K, 77, hidden)
         hidden = dict(zip(texts, states.reshape(len(texts), -1, states.shape[-1])))  # text -> (K * 77, hidden)
         out = []
@@ -103,18 +145,33 @@ class Pipeline:
 
     # ---- UNet -------------------------------------------------------------------------------
     def eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Noise prediction for a batch, `unet_bs` rows at a time through each half in turn."""
+        """Noise prediction for a batch (`_unet`). In fp16 arithmetic, an output with NaN/inf (fp16
+        overflow) is computed again in upcast (fp32 arithmetic, same fp16 weights) and counted."""
+        eps = self._unet(x, t, context, self.upcast)
+        if self.dtype != torch.float32 and not self.upcast and not eps.is_meta and not torch.isfinite(eps).all():
+            eps = self._unet(x, t, context, upcast=True)
+            self.redone_in_upcast += 1
+        return eps
+
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, upcast: bool) -> torch.Tensor:
+        """The UNet on a batch (N, C, h, w), cut in chunks of `unet_bs` rows, block-major: each block
+        runs on every chunk before the next block, so a streamed block is on the device once per
+        evaluation. Every chunk's activations between blocks (its skip connections) are kept."""
+        self.unet_evaluations += 1
+        dtype = self._compute_dtype(upcast)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
-        context = context.to(self.dtype)  # what autocast would feed the fp16 projections; a no-op in fp32
-        chunks = range(0, x.shape[0], self.unet_bs)
-        with self._autocast():
-            with self.engine.use(UNET_IN) as unet_in:
-                mids = [unet_in(x[i:i + self.unet_bs], t[i:i + self.unet_bs], context[i:i + self.unet_bs])
-                        for i in chunks]
-            with self.engine.use(UNET_OUT) as unet_out:
-                outs = [unet_out(h, emb, skips, context[i:i + self.unet_bs])
-                        for i, (h, emb, skips) in zip(chunks, mids)]
-        return torch.cat(outs).float()
+        # the dtype autocast would feed the fp16 projections; fp32 in upcast and full precision
+        x, context = x.to(dtype), context.to(dtype)
+        chunks = [Carry(x[i:i + self.unet_bs], context[i:i + self.unet_bs], t[i:i + self.unet_bs])
+                  for i in range(0, x.shape[0], self.unet_bs)]
+        with self._compute(upcast):
+            for half in UNET_HALVES:
+                with self.engine.use(half) as unet:
+                    for name, step in unet.steps():
+                        with self.engine.block(f"{half}.{name}"):
+                            for chunk in chunks:
+                                step(chunk)
+        return torch.cat([chunk.h for chunk in chunks]).float()
 
     def _eps_with(self, concat: torch.Tensor):
         """`eps` of a UNet that takes extra input channels (9-channel inpainting: mask and masked-image
@@ -171,13 +228,14 @@ class Pipeline:
         time, in tiles when `self.tile`; an fp16 decode that overflows is redone in fp32."""
         images = []
         tile = TILE if self.tile else None
-        with self.engine.phase("decode"), self.engine.use(VAE_DECODER) as vae, self._autocast():
+        dtype = self._compute_dtype(self.upcast)
+        with self.engine.phase("decode"), self.engine.use(VAE_DECODER) as vae, self._compute(self.upcast):
             for z in latents.split(1):
                 z = (z / self.cfg.scale_factor).to(self.device)
                 if self.device.type == "meta":  # planning: no values to check for overflow
-                    image = vae.decode(z.to(self.dtype)) if tile is None else decode_tiled(vae, z.to(self.dtype), tile)
+                    image = vae.decode(z.to(dtype)) if tile is None else decode_tiled(vae, z.to(dtype), tile)
                 else:
-                    image, redone = decode_safe(vae, z, tile)
+                    image, redone = decode_safe(vae, z, tile, dtype=dtype)
                     self.redone_in_fp32 += redone
                 images.append(image.float())
         return torch.cat(images)
@@ -189,8 +247,8 @@ class Pipeline:
         runs (in tiles when `self.tile`) once per image: the posterior is kept, on the host, for the
         run's later batches of the same image tensor."""
         if self._posterior is None or self._posterior[0] is not image:
-            with self.engine.phase("encode"), self.engine.use(VAE_ENCODER) as vae, self._autocast():
-                x = image.to(self.device, self.dtype)
+            with self.engine.phase("encode"), self.engine.use(VAE_ENCODER) as vae, self._compute(self.upcast):
+                x = image.to(self.device, self._compute_dtype(self.upcast))
                 moments = encode_tiled(vae, x, self.cfg.downsample_factor, TILE) if self.tile else vae.encode(x)
                 # to the host (planning: the same placement, no values)
                 mean, logvar = (torch.zeros(m.shape) if m.is_meta else m.float().cpu() for m in moments)

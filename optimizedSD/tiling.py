@@ -11,10 +11,10 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
-from torch.func import functional_call
 
 from .attention import AttentionPolicy, score_bytes
 from .config import VAEConfig
+from .upcast import UpcastMode
 
 
 # ---- tiled decode ---------------------------------------------------------------------------
@@ -109,29 +109,27 @@ def _autocast_off(device: torch.device):
     return torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") else nullcontext()
 
 
-def decode_safe(vae, z: torch.Tensor, tile: int | None = None, overlap: int = 16) -> tuple[torch.Tensor, bool]:
-    """Decode in the VAE's weight dtype; if that yields NaN/inf (fp16 overflow), decode again in fp32.
+def decode_safe(vae, z: torch.Tensor, tile: int | None = None, overlap: int = 16,
+                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, bool]:
+    """Decode z cast to `dtype` (default: the VAE's weight dtype); if that yields NaN/inf (fp16
+    overflow), decode again in fp32 arithmetic.
 
-    Returns (image (B, 3, H, W), redone). The first pass casts z to the weights' dtype and runs under
-    whatever autocast the caller set up; tiles when `tile` is given (both passes). The fp32 redo
-    uses fp32 copies of the decoder's parameters passed through `torch.func.functional_call`
-    (`vae.forward` must be `decode`), from the caller's z in fp32 with autocast off: the module is
-    never converted, so the offload engine's parameter swaps and host masters stay intact. The
-    copies cost 4 bytes per decoder parameter for the duration of the redo.
+    Returns (image (B, 3, H, W), redone). The first pass runs under whatever autocast or upcast the
+    caller set up; tiles when `tile` is given (both passes). The redo computes every layer in fp32
+    from the same weights (`UpcastMode`: each fp16 weight cast just before use), from the caller's z
+    in fp32 with autocast off: the module is never converted, so the offload engine's parameter
+    swaps and host masters stay intact, and only one layer's fp32 weight copy exists at a time. A
+    first pass already in fp32 is not redone.
     """
     def run(decode, latent):
         return decode(latent) if tile is None else _tiled(decode, latent, tile, overlap)
 
-    dtype = next(vae.parameters()).dtype
+    dtype = dtype or next(vae.parameters()).dtype
     image = run(vae.decode, z.to(dtype))
-    if torch.isfinite(image).all():
+    if dtype == torch.float32 or torch.isfinite(image).all():
         return image, False
-    # Everything `decode` reads: parameters and buffers outside the encoder, as fp32 copies.
-    tensors = {**dict(vae.named_parameters()), **dict(vae.named_buffers())}
-    fp32 = {name: t.float() for name, t in tensors.items()
-            if not name.startswith(("encoder.", "quant_conv.")) and t.is_floating_point()}
-    with _autocast_off(z.device):
-        image = run(lambda latent: functional_call(vae, fp32, (latent,)), z.float())
+    with _autocast_off(z.device), UpcastMode():
+        image = run(vae.decode, z.float())
     return image, True
 
 

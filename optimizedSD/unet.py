@@ -3,10 +3,17 @@
 `UNetInput` holds `time_embed`, `input_blocks`, `middle_block`; `UNetOutput` holds `output_blocks`
 and `out`. Attribute paths equal the checkpoint keys under `model.diffusion_model.`. The input half
 returns the hidden state, the time embedding and the skip connections the output half consumes.
+
+Each half is also a list of steps, one per block (`steps()`: child name, function of a `Carry`), so
+a caller can run one block on several chunks of rows before the next block (block-major order: the
+offload engine then moves each streamed block once per evaluation, whatever the number of chunks).
+`forward` is those steps in order on one chunk. The UNet computes in its input's dtype.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +24,12 @@ from .config import UNetConfig
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32 whatever the input dtype, as the reference ResBlocks do."""
+    """GroupNorm computed in fp32 whatever the input and weight dtypes, as the reference ResBlocks do
+    (CUDA autocast computes group_norm in fp32 anyway; elsewhere fp16 weights are cast here)."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        w, b = (None if p is None else p.float() for p in (self.weight, self.bias))
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).type(x.dtype)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -193,6 +202,16 @@ def _input_channels(cfg: UNetConfig) -> list[int]:
     return chans
 
 
+@dataclass
+class Carry:
+    """What one chunk of rows carries from one UNet block to the next."""
+    h: torch.Tensor  # (rows, C, H, W): the input latents at first, the predicted noise after `out`
+    context: torch.Tensor  # (rows, tokens, dim)
+    t: torch.Tensor | None = None  # (rows,) timesteps, until `time_embed` has used them
+    emb: torch.Tensor | None = None  # (rows, 4 * model_channels) time embedding
+    skips: list[torch.Tensor] = field(default_factory=list)  # input_blocks' outputs, consumed last-first
+
+
 class UNetInput(nn.Module):
     """time_embed + input_blocks + middle_block: (x, t, context) -> (h, emb, skips)."""
 
@@ -217,14 +236,29 @@ class UNetInput(nn.Module):
             ResBlock(ch, emb_dim, ch), _transformer(cfg, ch), ResBlock(ch, emb_dim, ch))
         self.model_channels = mc
 
+    def steps(self):
+        """(child name, step(carry)) of every block, in the order they run."""
+        return ([("time_embed", self._embed)]
+                + [(f"input_blocks.{i}", partial(self._input, block)) for i, block in enumerate(self.input_blocks)]
+                + [("middle_block", self._middle)])
+
+    def _embed(self, c: Carry) -> None:
+        t = c.t.reshape(-1).expand(c.h.shape[0]) if c.t.numel() == 1 else c.t
+        c.emb, c.t = self.time_embed(timestep_embedding(t, self.model_channels).to(c.h.dtype)), None
+
+    @staticmethod
+    def _input(block, c: Carry) -> None:
+        c.h = block(c.h, c.emb, c.context)
+        c.skips.append(c.h)
+
+    def _middle(self, c: Carry) -> None:
+        c.h = self.middle_block(c.h, c.emb, c.context)
+
     def forward(self, x, t, context):
-        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
-        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(self.time_embed[0].weight.dtype))
-        h, skips = x.type(self.time_embed[0].weight.dtype), []
-        for block in self.input_blocks:
-            h = block(h, emb, context)
-            skips.append(h)
-        return self.middle_block(h, emb, context), emb, skips
+        c = Carry(x, context, t)
+        for _, step in self.steps():
+            step(c)
+        return c.h, c.emb, c.skips
 
 
 class UNetOutput(nn.Module):
@@ -250,10 +284,22 @@ class UNetOutput(nn.Module):
         self.output_blocks = nn.ModuleList(blocks)
         self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
+    def steps(self):
+        """(child name, step(carry)) of every block, in the order they run."""
+        return ([(f"output_blocks.{i}", partial(self._output, block)) for i, block in enumerate(self.output_blocks)]
+                + [("out", self._out)])
+
+    @staticmethod
+    def _output(block, c: Carry) -> None:
+        h = torch.cat([c.h, c.skips.pop()], dim=1)
+        # An upsampler brings h to the size of the next skip connection it will be joined with.
+        c.h = block(h, c.emb, c.context, upsample_size=c.skips[-1].shape[-2:] if c.skips else None)
+
+    def _out(self, c: Carry) -> None:
+        c.h, c.emb = self.out(c.h), None
+
     def forward(self, h, emb, skips, context):
-        skips = list(skips)
-        for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
-            # An upsampler brings h to the size of the next skip connection it will be joined with.
-            h = block(h, emb, context, upsample_size=skips[-1].shape[-2:] if skips else None)
-        return self.out(h)
+        c = Carry(h, context, emb=emb, skips=list(skips))
+        for _, step in self.steps():
+            step(c)
+        return c.h

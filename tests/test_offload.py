@@ -27,7 +27,9 @@ def _run(mode):
         assert next(fragments[VAE].encoder.parameters()).device.type == "cpu"
         return {n for n, m in probes.items() if next(m.parameters()).device.type == "meta"}
 
-    for name, module in fragments.items():
+    # The UNet halves run block by block (their `steps`), not through forward: watch each half's first block.
+    watched = {**fragments, UNET_IN: fragments[UNET_IN].time_embed, UNET_OUT: fragments[UNET_OUT].output_blocks[0]}
+    for name, module in watched.items():
         module.register_forward_pre_hook(lambda mod, args, name=name: seen.append((name, on_device())))
     # The VAE is called through .decode, not forward: watch its decoder instead.
     fragments[VAE].decoder.register_forward_pre_hook(lambda mod, args: seen.append((VAE, on_device())))
@@ -76,7 +78,7 @@ def test_unknown_mode_is_refused():
 
 # --- streaming UNet blocks ------------------------------------------------------------------------
 
-def _stream_run(resident):
+def _stream_run(resident, seeds=(1,), unet_bs=1):
     """Stream mode on meta, recording which UNet units are on the device whenever a block starts."""
     cfg = tiny_config()
     fragments = build_fragments(cfg)
@@ -89,30 +91,40 @@ def _stream_run(resident):
 
     for u, m in units.items():
         m.register_forward_pre_hook(lambda mod, args, u=u: seen.append((u, on_device())))
-    Pipeline(cfg, engine, unet_bs=2).txt2img("a fox", "", [1], 64, 64, SampleSettings("ddim", 2, 7.5))
+    Pipeline(cfg, engine, unet_bs=unet_bs).txt2img("a fox", "", list(seeds), 64, 64, SampleSettings("ddim", 2, 7.5))
     assert engine.on_device == set() and on_device() == set()
     return seen, engine, fragments, list(units)
 
 
 @pytest.mark.parametrize("n_resident", [0, 5])
-def test_stream_mode_holds_resident_blocks_plus_the_running_one(n_resident):
-    """Registered after the engine's hook, each block sees itself and the resident blocks on the
-    device, plus at most the next streamed block (prefetched); no other block."""
+def test_stream_mode_runs_each_block_on_every_chunk_and_moves_it_once(n_resident):
+    """Block-major: each block runs on every chunk of the evaluation (cond and uncond rows, unet_bs
+    1: two chunks) before the next block. The block sees itself and the resident blocks on the
+    device, plus at most the next streamed block after it in run order (prefetched); no other block.
+    Each evaluation moves every streamed block exactly once; the resident ones cross once, when
+    sampling begins."""
     cfg_units = [u for u, _ in unet_units(build_fragments(tiny_config(), (UNET_IN, UNET_OUT)))]
     resident = tuple(cfg_units[:n_resident])
     seen, engine, fragments, order = _stream_run(resident)
     streamed = [u for u in order if u not in resident]
-    assert [u for u, _ in seen] == order * 2  # 2 steps, cond and uncond in one chunk (unet_bs 2)
+    assert [u for u, _ in seen] == [u for u in order for _chunk in range(2)] * 2  # 2 steps x 2 chunks
     for u, present in seen:
         assert u in present and set(resident) <= present, u
-        nxt = streamed[(streamed.index(u) + 1) % len(streamed)] if u in streamed else None
-        assert present - set(resident) - {u} <= {nxt}, (u, present)
+        after = [v for v in order[order.index(u) + 1:] if v in streamed]
+        assert present - set(resident) - {u} <= set(after[:1]), (u, present)
     unit_bytes = {u: fragment_bytes(m) for u, m in unet_units(fragments)}
-    # Every streamed block crosses once per step, the resident ones once for the loop, and the first
-    # streamed block once more: prefetched after the last block of the last step, for a step that
-    # does not come (the engine does not know which step is the last).
-    expected = 2 * sum(unit_bytes[u] for u in streamed) + sum(unit_bytes[u] for u in resident) + unit_bytes[streamed[0]]
-    assert engine.phase_bytes["sample"] == expected
+    streamed_bytes, resident_bytes = sum(unit_bytes[u] for u in streamed), sum(unit_bytes[u] for u in resident)
+    assert engine.setup_bytes["sample"] == resident_bytes
+    assert engine.phase_bytes["sample"] == 2 * streamed_bytes + resident_bytes
+
+
+@pytest.mark.parametrize("seeds, unet_bs", [((1, 2, 3), 1), ((1, 2, 3), 4), ((1, 2, 3, 4, 5), 3)])
+def test_stream_mode_moves_the_unet_once_per_step_whatever_the_batch(seeds, unet_bs):
+    seen, engine, fragments, order = _stream_run((), seeds, unet_bs)
+    chunks = -(-2 * len(seeds) // unet_bs)
+    assert [u for u, _ in seen] == [u for u in order for _chunk in range(chunks)] * 2
+    unet = sum(fragment_bytes(m) for _, m in unet_units(fragments))
+    assert engine.phase_bytes["sample"] == 2 * unet and engine.setup_bytes["sample"] == 0
 
 
 def test_every_mode_gives_the_same_image():

@@ -2,13 +2,22 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
 
-from optimizedSD.config import SDConfig
-from optimizedSD.fragments import TEXT_ENCODER, UNET_OUT, build_fragment
-from optimizedSD.planner import GiB, MemoryPlan, PlanError, parse_size, plan_budget, predict
+from optimizedSD import memory
+from optimizedSD.attention import auto_policy, using_policy
+from optimizedSD.checkpoint import empty_fragments
+from optimizedSD.config import SDConfig, tiny_config
+from optimizedSD.fragments import TEXT_ENCODER, UNET_IN, UNET_OUT, build_fragment
+from optimizedSD.memory import MetaMeter
+from optimizedSD.offload import Offloader
+from optimizedSD.pipeline import Pipeline, SampleSettings
+from optimizedSD.planner import (SETTLED_STEPS, GiB, MemoryPlan, PlanError, _meta_fragments, parse_size,
+                                 plan_budget, predict, skip_bytes, step_seconds)
+from optimizedSD.samplers import SAMPLERS
 
 CFG = SDConfig()
 FP16 = torch.float16
@@ -18,6 +27,22 @@ MiB = 2 ** 20
 def fp16_bytes(name: str) -> int:
     with torch.device("meta"):
         return 2 * sum(p.numel() for p in build_fragment(name, CFG).parameters())
+
+
+def unit_bytes(cfg=CFG) -> dict[str, int]:
+    """fp16 bytes of every UNet block (unit name -> bytes), counted from freshly built halves."""
+    out = {}
+    with torch.device("meta"):
+        for half in (UNET_IN, UNET_OUT):
+            for name, module in build_fragment(half, cfg).named_children():
+                blocks = list(module.named_children()) if isinstance(module, torch.nn.ModuleList) else [("", module)]
+                for i, block in blocks:
+                    out[f"{half}.{name}" + (f".{i}" if i else "")] = 2 * sum(p.numel() for p in block.parameters())
+    return out
+
+
+def round_block(n: int) -> int:
+    return -(-n // 512) * 512
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +105,8 @@ def test_tiled_encode_keeps_a_large_img2img_low():
     tiled, _ = predict(CFG, FP16, MemoryPlan("stream", tile=True), 2048, 2048, 1, encode=True)
     assert untiled["encode"] >= 2 * GiB and tiled["encode"] <= 0.5 * GiB
     assert tiled["sample"] == untiled["sample"]  # tiles change the VAE only
+    plan = plan_budget(CFG, FP16, 3 * GiB, 2048, 2048, 1, encode=True)  # fits with tiles only
+    assert plan.tile and plan.peak() <= 3 * GiB and plan.peaks["encode"] == tiled["encode"]
 
 
 def test_cli_plans_without_a_checkpoint(tmp_path, capsys, monkeypatch):
@@ -94,3 +121,146 @@ def test_cli_plans_without_a_checkpoint(tmp_path, capsys, monkeypatch):
     assert set(figures["peak_bytes"]) == {"text", "sample", "decode"}
     assert max(figures["peak_bytes"].values()) <= 0.75 * GiB and figures["mode"] == "stream"
     assert not (tmp_path / "out").exists()
+    # a 2-step run moves the UNet once per step, and predict plans exactly this run
+    assert figures["host_to_device_bytes_per_step"] == fp16_bytes(UNET_IN) + fp16_bytes(UNET_OUT)
+    peaks, moved = predict(CFG, FP16, MemoryPlan("stream", (), None, 1, True), 512, 512, 1)
+    assert figures["peak_bytes"] == peaks and figures["host_to_device_bytes_per_step"] == moved
+
+
+# --- block-major streaming ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_samples", [1, 4, 10])
+def test_lowvram_moves_the_unet_once_per_step_whatever_the_batch(n_samples):
+    """--lowvram: every block streamed, each once per sampling step, however many images and chunks."""
+    _, moved = predict(CFG, FP16, MemoryPlan("stream", (), None, 1, True), 512, 512, n_samples)
+    blocks = unit_bytes()
+    assert len(blocks) == 27 and moved == sum(blocks.values()) == fp16_bytes(UNET_IN) + fp16_bytes(UNET_OUT)
+
+
+def test_a_streaming_budget_moves_its_streamed_blocks_once_per_step():
+    plan = plan_budget(CFG, FP16, int(0.8 * GiB), 512, 512, 4)
+    assert plan.mode == "stream" and 0 < len(plan.resident) < 27
+    for batch in (plan.batch, 1):
+        _, moved = predict(CFG, FP16, plan, 512, 512, batch)
+        assert moved == sum(b for u, b in unit_bytes().items() if u not in plan.resident)
+
+
+def test_skip_connections_of_every_row_are_kept_and_planned():
+    """The skip connections of one 512x512 latent row (SD v1: 12 maps; fp16) are measured on meta and
+    equal the count from the architecture; block-major sampling holds every row's at once, and the
+    lowvram plan of 4 images (8 rows) still stays under 0.6 GiB."""
+    maps = [(320, 64)] * 3 + [(320, 32), (640, 32), (640, 32), (640, 16), (1280, 16), (1280, 16)] + [(1280, 8)] * 3
+    per_row = skip_bytes(CFG, FP16, 512, 512)
+    assert per_row == sum(round_block(c * side * side * 2) for c, side in maps)
+    peaks = {n: predict(CFG, FP16, MemoryPlan("stream", (), None, 1, True), 512, 512, n)[0] for n in (1, 4)}
+    print(f"skip connections per latent row at 512x512, fp16: {per_row / 2**20:.2f} MiB; lowvram planned peak "
+          f"n_samples 1: {max(peaks[1].values()) / GiB:.3f} GiB, 4: {max(peaks[4].values()) / GiB:.3f} GiB")
+    assert peaks[4]["sample"] >= 8 * per_row and peaks[4]["sample"] > peaks[1]["sample"]
+    assert max(peaks[4].values()) <= 0.6 * GiB
+
+
+# --- predict is what a run gives ------------------------------------------------------------------
+
+@pytest.mark.parametrize("plan, batch, encode", [
+    (MemoryPlan("stream", (), None, 1, True), 3, False),
+    (MemoryPlan("stream", ("unet_in.time_embed", "unet_in.input_blocks.0", "unet_in.input_blocks.1"), None, 2), 2, False),
+    (MemoryPlan("default", (), None, 3), 2, True),
+    (MemoryPlan("turbo", (), None, 4), 3, False),
+    (MemoryPlan("stream", (), None, 2, True), 2, True),
+], ids=["lowvram", "stream-resident", "default-img2img", "turbo", "lowvram-img2img"])
+def test_predict_is_what_a_full_run_gives(plan, batch, encode, monkeypatch):
+    """predict's figures (one step, phases run apart, ops and module calls replayed) equal a 3-step run
+    of the whole pipeline on meta with nothing replayed, host masters on the CPU as the CLI has them:
+    every phase's peak, and 3 x the bytes per step (tiny model, 64x64)."""
+    cfg = tiny_config()
+    peaks, moved = predict(cfg, FP16, plan, 64, 64, batch, encode=encode)
+    monkeypatch.setattr(memory, "_signature", lambda *a: None)
+    monkeypatch.setattr(memory._Replayed, "__call__", lambda self, *a, **k: self.forward(*a, **k))
+    settings, seeds = SampleSettings("ddim", 3), list(range(batch))
+    with using_policy(auto_policy("cuda")), MetaMeter() as meter:
+        engine = Offloader(empty_fragments(cfg, dtype=FP16), torch.device("meta"), plan.mode, plan.resident,
+                           meter=meter)
+        pipe = Pipeline(cfg, engine, dtype=FP16, unet_bs=plan.unet_bs, tile=plan.tile)
+        if encode:
+            latents = pipe.img2img_latents("a fox", "", seeds, torch.zeros(1, 3, 64, 64), settings, strength=1.0)
+        else:
+            latents = pipe.txt2img_latents("a fox", "", seeds, 64, 64, settings)
+        pipe.decode(latents)
+    assert engine.peaks == peaks
+    assert engine.phase_bytes["sample"] - engine.setup_bytes["sample"] == 3 * moved
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_planned_steps_reach_the_peak_of_longer_runs(sampler):
+    """A multistep sampler holds earlier predictions between steps: predict's short run
+    (SETTLED_STEPS) peaks as high as a run of 3 more steps, and every evaluation moves the same bytes."""
+    steps = SETTLED_STEPS.get(sampler, 2)
+    peak, fragments = {}, _meta_fragments(CFG, FP16)  # built before a meter counts
+    for n in (steps, steps + 3):
+        with using_policy(auto_policy("cuda")), MetaMeter() as meter:
+            engine = Offloader(fragments, torch.device("meta"), "stream", meter=meter)
+            pipe = Pipeline(CFG, engine, dtype=FP16)
+            pipe.txt2img_latents("a fox", "", [0, 1], 128, 128, SampleSettings(sampler, n))
+        peak[n] = engine.peaks["sample"]
+        assert engine.phase_bytes["sample"] == pipe.unet_evaluations * (fp16_bytes(UNET_IN) + fp16_bytes(UNET_OUT))
+    assert peak[steps] == peak[steps + 3]
+    planned, _ = predict(CFG, FP16, MemoryPlan("stream"), 128, 128, 2, sampler=sampler)
+    assert planned["sample"] == peak[steps]
+
+
+def test_step_seconds_is_the_stated_rule():
+    s = 1.6 * 2**30
+    assert step_seconds(4, 4, 8, 0) == pytest.approx(0.015)  # one batch, one pass of 8 rows, nothing streamed
+    assert step_seconds(4, 2, 1, s) == pytest.approx(2 * (s / 12e9 + 4 * 0.015))
+    assert step_seconds(5, 2, 3, s, guided=False) == pytest.approx(2 * (s / 12e9 + 0.015) + s / 12e9 + 0.015)
+
+
+def test_budget_search_finds_the_fastest_setting_that_fits():
+    """plan_budget's choice has the lowest modelled step time of every setting it searches that fits
+    (brute force over images at once, unet_bs and resident prefix; tiny model, 128x128: one VAE tile,
+    so tiling changes nothing), for budgets between the lowest setting's peak and the whole UNet's."""
+    cfg, n, size = tiny_config(), 2, 128
+    blocks = unit_bytes(cfg)
+    units = list(blocks)
+    settings = {}  # (b, u, k) -> planned peak
+    for b in (2, 1):
+        for u in {2 * b: [4, 2, 1], 2: [2, 1]}[2 * b]:
+            for k in range(len(units) + 1):
+                mode, resident = ("turbo", ()) if k == len(units) else ("stream", tuple(units[:k]))
+                peaks, _ = predict(cfg, FP16, MemoryPlan(mode, resident, b, u), size, size, b)
+                settings[b, u, k] = max(peaks.values())
+    lowest, highest = min(settings.values()), max(settings.values())
+    for budget in (lowest + (highest - lowest) // 4, lowest + (highest - lowest) // 2):
+        chosen = plan_budget(cfg, FP16, budget, size, size, n)
+        best = min(step_seconds(n, b, u, sum(blocks[x] for x in units[k:]))
+                   for (b, u, k), peak in settings.items() if peak <= budget)
+        k = len(units) if chosen.mode == "turbo" else len(chosen.resident)
+        assert chosen.peak() <= budget
+        assert step_seconds(n, chosen.batch, chosen.unet_bs, sum(blocks[x] for x in units[k:])) == pytest.approx(best)
+
+
+def test_a_2048_plan_of_16_images_completes():
+    start = time.perf_counter()
+    plan = plan_budget(CFG, FP16, 4 * GiB, 2048, 2048, 16)
+    print(f"--vram 4G, 2048x2048, n_samples 16: planned in {time.perf_counter() - start:.1f} s: {plan.mode}, "
+          f"{len(plan.resident)} resident, {plan.batch} at once, unet_bs {plan.unet_bs}, tiled {plan.tile}, "
+          f"peak {plan.peak() / GiB:.2f} GiB")
+    assert plan.peak() <= 4 * GiB and plan.tile
+
+
+def test_a_run_of_several_batches_peaks_as_predict_plans_each(tmp_path, capsys, monkeypatch):
+    """--vram 2G, 10 images at 512x512: two batches of 5; the run's peaks (each batch finding nothing
+    of the previous one on the device) are predict's for a batch of 5."""
+    from optimizedSD.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["--device", "meta", "--n_samples", "10", "--ddim_steps", "2", "--sampler", "ddim", "--vram", "2G",
+                 "--json", "--outdir", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    figures = json.loads(out.strip().splitlines()[-1])
+    plan = plan_budget(CFG, FP16, 2 * GiB, 512, 512, 10)
+    assert figures["images_at_once"] == plan.batch == 5 and figures["mode"] == plan.mode
+    peaks, moved = predict(CFG, FP16, plan, 512, 512, 5)
+    assert figures["peak_bytes"] == peaks and max(peaks.values()) <= 2 * GiB
+    assert figures["host_to_device_bytes_per_step"] == moved
