@@ -152,7 +152,7 @@ def browser():
 def open_page(browser, server):
     """A page in a fresh browser context (its own gradio session); requests that would leave the
     machine are recorded and refused."""
-    context = browser.new_context(viewport={"width": 1280, "height": 1700})
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.external = []
 
@@ -400,6 +400,23 @@ def test_png_info_reads_ours_and_the_webuis_and_fills_txt2img(browser, server):
         expect(t.get_by_label(label, exact=True)).to_have_value(value)
     expect(t.get_by_label("Karras", exact=True)).to_be_checked()
     page.context.close()
+
+
+def test_closing_a_page_stops_its_render(browser, server):
+    """A page closed mid-run stops its render at the next step (gradio's unload), as Interrupt does."""
+    gone, waiting = open_page(browser, server), open_page(browser, server)
+    gp, wp = tab(gone, "txt2img"), tab(waiting, "txt2img")
+    fill(gp, Prompt="a white square", Seed=300, Steps=50, **{"Batch count": 10})
+    fill(wp, Prompt="a black triangle", Seed=400, Steps=STEPS)
+    gp.get_by_role("button", name="Generate").click()
+    expect(gp.get_by_text(re.compile(r"\d+/500 steps"))).to_be_visible(timeout=RUN_TIMEOUT)
+    gone.context.close()
+    wp.get_by_role("button", name="Generate").click()
+    assert wait_done(wp, 400).startswith("wrote 1 image(s)")
+    folder = server["ui"] / "a_white_square"
+    files = sorted(os.listdir(folder)) if folder.exists() else []
+    assert len(files) < 10 and not any(f.startswith("grid") for f in files), files
+    waiting.context.close()
 
 
 def test_the_checkpoint_is_read_once_per_server(browser, server):
