@@ -197,7 +197,7 @@ def generate(args) -> dict:
     (time, memory per phase)."""
     from tqdm import tqdm
 
-    from .engine import Engine, RunStats
+    from .engine import Engine, RunStats, memory_line
     from .images import ensure_writable
     from .outputs import RequestWriter, metadata
 
@@ -236,12 +236,9 @@ def generate(args) -> dict:
             writer.finish()
             dirs.append(str(writer.dir))
     figures = stats.figures(spec.device, first.width, first.height)
-    if stats.redone_in_fp32:
-        warn(f"note: {stats.redone_in_fp32} fp16 decode(s) overflowed and were redone in fp32")
-    if stats.redone_in_upcast:
-        warn(f"note: {stats.redone_in_upcast} fp16 UNet step(s) overflowed (NaN/inf) and were redone in fp32 "
-             "arithmetic; --precision upcast computes every step that way")
-    log(_memory_line(figures, spec.planning))
+    for line in stats.notes():
+        warn(line)
+    log(memory_line(figures, spec.planning))
     if not spec.planning:
         seconds, total = stats.seconds, stats.images
         where = dirs[0] if len(set(dirs)) == 1 else f"{len(set(dirs))} folders under {args.outdir}"
@@ -260,17 +257,6 @@ def check_outdir(outdir: str) -> None:
         raise UsageError(f"cannot create output directory {outdir}: {probe} is a file; choose another --outdir")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UsageError(f"output directory {probe} is not writable; choose another --outdir")
-
-
-def _memory_line(figures: dict, planning: bool) -> str:
-    from .planner import gib
-
-    peaks = figures["peak_bytes"]
-    if not peaks:
-        return f"peak device memory: not measured on {figures['device']}"
-    phases = ", ".join(f"{k} {gib(v)}" for k, v in peaks.items())
-    moved = gib(figures["host_to_device_bytes_per_step"])
-    return f"{'planned ' if planning else ''}peak device memory: {phases}; host->device per sampling step {moved}"
 
 
 def warn(message: str) -> None:

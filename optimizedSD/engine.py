@@ -74,6 +74,29 @@ class RunStats:
                     fp16_decodes_redone_in_fp32=self.redone_in_fp32, unet_steps_redone_in_upcast=self.redone_in_upcast)
 
 
+    def notes(self) -> list[str]:
+        """What every front says after a run about steps redone (fp16 overflow)."""
+        lines = []
+        if self.redone_in_fp32:
+            lines.append(f"note: {self.redone_in_fp32} fp16 decode(s) overflowed and were redone in fp32")
+        if self.redone_in_upcast:
+            lines.append(f"note: {self.redone_in_upcast} fp16 UNet step(s) overflowed (NaN/inf) and were redone in "
+                         "fp32 arithmetic; precision upcast computes every step that way")
+        return lines
+
+
+def memory_line(figures: dict, planning: bool = False) -> str:
+    """The one line every front prints after a run: peak device memory per phase (`RunStats.figures`)."""
+    from .planner import gib
+
+    peaks = figures["peak_bytes"]
+    if not peaks:
+        return f"peak device memory: not measured on {figures['device']}"
+    phases = ", ".join(f"{k} {gib(v)}" for k, v in peaks.items())
+    moved = gib(figures["host_to_device_bytes_per_step"])
+    return f"{'planned ' if planning else ''}peak device memory: {phases}; host->device per sampling step {moved}"
+
+
 class Engine:
     def __init__(self, spec: ModelSpec, notify: Callable[[str], None] = lambda message: None):
         """An engine for `spec`; `notify` hears retries and notes. `load` reads the checkpoint (the first

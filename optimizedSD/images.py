@@ -9,7 +9,8 @@ is then renamed onto the reserved name: an interrupted write (Ctrl-C, a full dis
 
 Metadata: PNG gets one text chunk per key (prompt, negative_prompt, seed, sampler, steps, scale,
 size, checkpoint, checkpoint_hash, any extras) plus `parameters`, the one-string summary that other
-SD tools write and read (A1111 style). JPEG gets the same `parameters` string as its COM comment.
+SD tools write and read (`infotext.parameters_text`, AUTOMATIC1111's webui format). JPEG gets the same
+`parameters` string as its COM comment.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from .infotext import parameters_text
 
 SLUG_MAX_CHARS = 150  # as the original optimizedSD: "_".join(prompt.split())[:150]
 SLUG_MAX_BYTES = 200  # UTF-8; NAME_MAX is 255 bytes on most filesystems, non-ASCII is 2-4 bytes/char
@@ -138,35 +141,6 @@ def ensure_writable(path: str | os.PathLike) -> Path:
         raise OutputError(f"cannot write to output directory {p} ({e.strerror or e}); "
                           "fix its permissions or choose another output directory") from e
     return p
-
-
-def _fmt_value(v: object) -> str:
-    """A value for the `parameters` line, quoted (JSON style) if it would break the k: v list."""
-    s = str(v)
-    if any(c in s for c in ',:"\n'):
-        s = '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    return s
-
-
-def parameters_text(meta: dict) -> str:
-    """The one-string summary other SD tools use, e.g.
-    `a cat\\nNegative prompt: dog\\nSteps: 10, Sampler: ddim, CFG scale: 7.5, Seed: 42,
-    Size: 512x512, Model: sd-v1-4, Model hash: abcd1234`. Missing/None/empty fields are left out;
-    keys other than the known ones are appended as `key: value`.
-    """
-    lines = [str(meta.get("prompt", ""))]
-    if meta.get("negative_prompt"):
-        lines.append(f"Negative prompt: {meta['negative_prompt']}")
-    ckpt = meta.get("checkpoint")
-    fields = [("Steps", meta.get("steps")), ("Sampler", meta.get("sampler")),
-              ("CFG scale", meta.get("scale")), ("Seed", meta.get("seed")),
-              ("Size", meta.get("size")), ("Model", Path(str(ckpt)).stem if ckpt else None),
-              ("Model hash", meta.get("checkpoint_hash")), ("Denoising strength", meta.get("strength"))]
-    fields += [(k, v) for k, v in meta.items() if k not in _KNOWN_KEYS]
-    kv = ", ".join(f"{k}: {_fmt_value(v)}" for k, v in fields if v is not None and v != "")
-    if kv:
-        lines.append(kv)
-    return "\n".join(lines)
 
 
 class ImageWriter:

@@ -120,7 +120,10 @@ def complete(r: Request, cfg: SDConfig, *, demo: bool = False, labels: dict = CL
     if r.kind != "txt2img":
         r = _read_images(r, cfg.downsample_factor, labels, notify)
     check(r, cfg, labels)
-    return r
+    # Whole numbers given for the real-valued fields (a form's 3 for 3.0) are the same request, and are
+    # recorded the same way (`scale: 3.0`) whichever front made it.
+    return replace(r, scale=float(r.scale), eta=float(r.eta),
+                   strength=None if r.strength is None else float(r.strength))
 
 
 def check(r: Request, cfg: SDConfig, labels: dict = CLI_LABELS) -> None:
@@ -145,6 +148,8 @@ def check(r: Request, cfg: SDConfig, labels: dict = CLI_LABELS) -> None:
     if not isinstance(r.seed, int) or not 0 <= r.seed < SEED_LIMIT - len(r.seeds):
         raise RequestError(f"{L['seed']} must be a whole number between 0 and 2^63-1 (less the number of images), "
                            f"got {r.seed}")
+    if r.kind != "txt2img" and r.init_image is None:  # before the size, which defaults to the image's
+        raise RequestError(f"{r.kind} needs an init image; give {L['init_image']}")
     check_size(r.width, r.height, cfg, L)
     check_memory(r.memory, L["memory"])
     if r.kind == "txt2img":
@@ -157,8 +162,6 @@ def check(r: Request, cfg: SDConfig, labels: dict = CLI_LABELS) -> None:
     if strength_steps(steps, r.strength) == 0:
         raise RequestError(f"{L['strength']} {r.strength} of {steps} steps runs no sampling step; raise "
                            f"{L['strength']} to at least {1 / steps:.3g} or use more {L['steps']}")
-    if r.init_image is None:
-        raise RequestError(f"{r.kind} needs an init image; give {L['init_image']}")
     if r.kind == "inpaint" and r.mask is None:
         raise RequestError(f"inpainting needs a mask (white: repaint, black: keep); give {L['mask']}")
 

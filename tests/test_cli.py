@@ -98,7 +98,7 @@ def test_from_file_jpg_and_skip_save(tiny_model, tmp_path, capsys):
     assert sorted(os.listdir(out / "a_red_fox")) == ["grid_0000.jpg", "seed_1_00000.jpg", "seed_2_00001.jpg"]
     assert sorted(os.listdir(out / "a_blue_bird")) == ["grid_0000.jpg", "seed_3_00000.jpg", "seed_4_00001.jpg"]
     comment = Image.open(out / "a_blue_bird/seed_4_00001.jpg").info["comment"].decode()
-    assert comment.startswith("a blue bird\n") and "Seed: 4" in comment and "Sampler: ddim" in comment
+    assert comment.startswith("a blue bird\n") and "Seed: 4" in comment and "Sampler: DDIM" in comment
     assert "wrote 4 images and 2 grid(s) to 2 folders" in stdout
 
     code, _, err = run_cli(tiny_args(tiny_model, tmp_path / "grid_only", "--prompt", "x", "--seed", 1,

@@ -75,6 +75,19 @@ def test_request_errors_come_before_any_work(engine):
         engine.plan(request(engine, memory="1K"))
 
 
+def test_an_image_request_without_its_image_says_so_before_the_size(engine):
+    from optimizedSD.request import UI_LABELS
+
+    with pytest.raises(RequestError, match="^inpaint needs an init image; give Image$"):
+        engine.complete(Request("a cat", kind="inpaint"), labels=UI_LABELS)
+
+
+def test_whole_numbers_in_real_fields_are_the_same_request(engine):
+    """A form's 3 for the guidance scale is 3.0: the same request, recorded the same way by every front."""
+    r = request(engine, scale=3, eta=0)
+    assert (type(r.scale), type(r.eta)) == (float, float) and r == request(engine, scale=3.0, eta=0.0)
+
+
 def test_planning_runs_one_step_per_batch_shape(monkeypatch):
     """On meta a run of 10 images, 4 at once (4, 4, 2), predicts two shapes, each once."""
     from optimizedSD import planner

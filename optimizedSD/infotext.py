@@ -1,0 +1,161 @@
+"""The `parameters` text of an image: written as AUTOMATIC1111's webui writes it, read from ours and its.
+
+    a red fox                                   <- prompt (may span lines)
+    Negative prompt: blurry                     <- optional, may span lines
+    Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd-v1-4, ...
+
+The last line is `key: value` pairs; a value holding `,`, `:`, `"` or a newline is JSON-quoted. This
+is the webui's format (`modules/infotext_utils.py`: `quote`, `parse_generation_parameters`, whose
+pair pattern `_PAIR` copies). Sampler names are the webui's labels (`modules/sd_samplers_kdiffusion.py`:
+`Euler a`, `DPM++ 2M`, ... and `DDIM`, `PLMS`), with a ` Karras` suffix for the Karras schedule, so
+the webui maps them to its samplers; our PNG `sampler` text chunk keeps our own name (`euler_a karras`).
+`parse` reads our texts old (`Sampler: euler_a karras`) and new, and the webui's, including its newer
+`Sampler: DPM++ 2M, Schedule type: Karras`. `request_fields` turns parsed text into `Request` fields.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from PIL import Image
+
+# Our sampler name -> the webui's label (one table; `webui_sampler` / `our_sampler` go both ways).
+WEBUI_SAMPLERS = {"euler_a": "Euler a", "euler": "Euler", "heun": "Heun", "dpm2": "DPM2", "dpm2_a": "DPM2 a",
+                  "lms": "LMS", "dpmpp_2m": "DPM++ 2M", "dpmpp_2s_a": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE",
+                  "ddim": "DDIM", "plms": "PLMS"}
+KARRAS = "Karras"  # the webui's sampler-name suffix and `Schedule type` value for the Karras schedule
+_OUR_KARRAS = " karras"  # our own suffix (Request.sampler_name, the PNG `sampler` chunk)
+_AUTOMATIC = "Automatic"  # the webui's `Schedule type` of a sampler's own schedule
+
+# The webui's `re_param_code`: `key: value` with the value JSON-quoted or up to the next comma.
+_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+# Fields the writer puts first, in the webui's order: (parameters key, metadata key).
+_FIELDS = (("Steps", "steps"), ("Sampler", "sampler"), ("CFG scale", "scale"), ("Seed", "seed"), ("Size", "size"),
+           ("Model", "checkpoint"), ("Model hash", "checkpoint_hash"), ("Denoising strength", "strength"))
+_OWN_KEYS = {"prompt", "negative_prompt"} | {key for _, key in _FIELDS}
+
+
+def webui_sampler(name: str) -> str:
+    """Our sampler name (`euler_a`, `euler_a karras`) as the webui's label (`Euler a`, `Euler a Karras`);
+    a name the table lacks is kept."""
+    base, karras = (name[:-len(_OUR_KARRAS)], True) if name.endswith(_OUR_KARRAS) else (name, False)
+    label = WEBUI_SAMPLERS.get(base)
+    if label is None:
+        return name
+    return f"{label} {KARRAS}" if karras else label
+
+
+def our_sampler(text: str, schedule: str | None = None) -> tuple[str, bool] | None:
+    """(sampler, karras) for a `Sampler` value, ours or the webui's (`Euler a Karras`, `euler_a karras`,
+    `k_euler_a`), and the webui's `Schedule type`; None when it is no sampler of ours."""
+    name = text.strip()
+    karras = (schedule or "").strip().lower() == KARRAS.lower()
+    if name.lower().endswith(_OUR_KARRAS):
+        name, karras = name[:-len(_OUR_KARRAS)].rstrip(), True
+    if name.lower().startswith("k_"):  # the webui's old aliases: k_euler_a, k_dpmpp_2m, ...
+        name = name[2:]
+    by_label = {label.lower(): ours for ours, label in WEBUI_SAMPLERS.items()}
+    ours = name if name in WEBUI_SAMPLERS else by_label.get(name.lower())
+    return None if ours is None else (ours, karras)
+
+
+def _quote(value: object) -> str:
+    """A value for the `key: value` line, JSON-quoted when it would break the line (as the webui's `quote`,
+    which also reads `"`)."""
+    s = str(value)
+    return json.dumps(s, ensure_ascii=False) if any(c in s for c in ',:"\n') else s
+
+
+def parameters_text(meta: dict) -> str:
+    """The one-string summary other SD tools use, e.g.
+    `a cat\\nNegative prompt: dog\\nSteps: 10, Sampler: Euler a, CFG scale: 7.5, Seed: 42,
+    Size: 512x512, Model: sd-v1-4, Model hash: abcd1234`. Missing/None/empty fields are left out;
+    keys other than the known ones are appended as `key: value`.
+    """
+    lines = [str(meta.get("prompt", ""))]
+    if meta.get("negative_prompt"):
+        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+    values = dict(meta)
+    if values.get("checkpoint"):
+        values["checkpoint"] = Path(str(values["checkpoint"])).stem
+    if values.get("sampler"):
+        values["sampler"] = webui_sampler(str(values["sampler"]))
+    fields = [(label, values.get(key)) for label, key in _FIELDS]
+    fields += [(k, v) for k, v in meta.items() if k not in _OWN_KEYS]
+    kv = ", ".join(f"{k}: {_quote(v)}" for k, v in fields if v is not None and v != "")
+    if kv:
+        lines.append(kv)
+    return "\n".join(lines)
+
+
+def parse(text: str) -> dict:
+    """`parameters` text -> {"Prompt": ..., "Negative prompt": ..., key: value for each pair of the last
+    line (unquoted)}; `Size: WxH` also gives `Size-1` (width) and `Size-2` (height), as the webui's parser.
+    The last line counts as pairs only when it has three or more (else it is prompt text), as there."""
+    *lines, last = text.strip().split("\n")
+    if len(_PAIR.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in _PAIR.findall(last):
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        out[key] = value
+        if size := _SIZE.match(value):
+            out[f"{key}-1"], out[f"{key}-2"] = size.groups()
+    return out
+
+
+def request_fields(parsed: dict) -> tuple[dict, list[str]]:
+    """(`Request` keyword arguments that `parsed` gives: prompt, negative_prompt, sampler, karras, steps,
+    scale, seed, width, height, strength; a note for each value that is not ours to use)."""
+    fields = {"prompt": parsed.get("Prompt", ""), "negative_prompt": parsed.get("Negative prompt", "")}
+    notes = []
+    if "Sampler" in parsed:
+        sampler = our_sampler(parsed["Sampler"], parsed.get("Schedule type"))
+        schedule = parsed.get("Schedule type", _AUTOMATIC)
+        if sampler is None:
+            notes.append(f"sampler {parsed['Sampler']!r} is not one of ours ({', '.join(WEBUI_SAMPLERS.values())})")
+        else:
+            fields["sampler"], fields["karras"] = sampler
+        if schedule.lower() not in (_AUTOMATIC.lower(), KARRAS.lower()):
+            notes.append(f"schedule type {schedule!r} is not one of ours ({_AUTOMATIC}, {KARRAS})")
+    for key, name, kind in (("Steps", "steps", int), ("CFG scale", "scale", float), ("Seed", "seed", int),
+                            ("Size-1", "width", int), ("Size-2", "height", int),
+                            ("Denoising strength", "strength", float)):
+        if key in parsed:
+            try:
+                fields[name] = kind(parsed[key])
+            except ValueError:
+                notes.append(f"{key} {parsed[key]!r} is not a number")
+    return fields, notes
+
+
+def read_parameters(image: Image.Image) -> str | None:
+    """The `parameters` text an image file holds: a PNG text chunk (ours, the webui's), a JPEG comment
+    (ours) or an EXIF UserComment (the webui's JPEG and WebP); None when it holds none."""
+    text = image.info.get("parameters") or getattr(image, "text", {}).get("parameters")
+    if text:
+        return text
+    comment = image.info.get("comment")
+    if comment:
+        return comment.decode("utf-8", "replace") if isinstance(comment, bytes) else str(comment)
+    raw = image.getexif().get_ifd(0x8769).get(0x9286)  # Exif IFD, UserComment
+    if isinstance(raw, bytes) and len(raw) > 8:  # an 8-byte character code, then the text
+        code, body = raw[:8], raw[8:]
+        if code.startswith(b"UNICODE"):
+            return body.decode("utf-16-be" if not body.startswith(b"\xff\xfe") else "utf-16", "replace")
+        return body.decode("utf-8", "replace").rstrip("\0")
+    return raw if isinstance(raw, str) and raw else None

@@ -1,0 +1,124 @@
+"""Browser UI for txt2img, img2img and inpainting: one engine, loaded once, shared by every page.
+
+Run from the repo root:
+    python optimizedSD/webui.py --demo            # then open http://127.0.0.1:7860
+    python optimizedSD/webui.py --ckpt weights/sd-v1-4.ckpt --lowvram
+`--help` lists every flag. The page is `ui.py`; this file reads the flags, loads the checkpoint once
+and serves the page on 127.0.0.1 (`--host` to listen elsewhere, with `--auth`). Nothing is fetched
+from the internet: no share link, gradio's analytics and version check off.
+"""
+import os
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: import this folder as the package `optimizedSD` (see optimized_txt2img.py)
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+# gradio reads these when imported and when launching: no usage analytics, no version check, no telemetry.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from optimizedSD.cli import KINDS, Parser, UsageError, check_outdir, memory_mode  # noqa: E402
+from optimizedSD.images import OutputError  # noqa: E402
+from optimizedSD.model import COMPVIS_CKPT, DEMO_CKPT, resolve_model  # noqa: E402
+from optimizedSD.request import check_memory  # noqa: E402
+
+DEFAULT_PORT = 7860
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="webui.py", description="Browser UI for Stable Diffusion v1 on little VRAM: txt2img, img2img, "
+               "inpainting and PNG info; one engine, loaded once, renders every page's requests in turn.")
+    a = p.add_argument
+    a("--ckpt", type=str, default=None,
+      help=f"checkpoint (.ckpt or .safetensors); default: {COMPVIS_CKPT} if present, else the one file in weights/")
+    a("--config", type=str, default=None, help="CompVis-style model YAML; default: SD v1's built-in config")
+    a("--demo", action="store_true", help=f"use the bundled demo model ({DEMO_CKPT}): 64x64 coloured shapes, "
+      "seconds per image on a CPU")
+    a("--device", type=str, default=None, help="cuda, cuda:N, mps or cpu (default: cuda if available, else mps, else cpu)")
+    modes = p.add_mutually_exclusive_group()
+    modes.add_argument("--lowvram", action="store_true", help="default Memory mode: lowvram (the least device memory)")
+    modes.add_argument("--turbo", action="store_true", help="default Memory mode: turbo (faster, more device memory)")
+    modes.add_argument("--vram", type=str, default=None, metavar="SIZE",
+                       help="default Memory mode: a device-memory budget such as 2G or 1536M")
+    a("--outdir", type=str, default=None,
+      help="images go to OUTDIR/<prompt>/seed_<seed>_<NNNNN>.png as the CLI writes them (default: the CLI's "
+           "folder per kind: " + ", ".join(KINDS[k][2] for k in KINDS) + ")")
+    a("--host", type=str, default="127.0.0.1",
+      help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network, use --auth)")
+    a("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
+    a("--auth", type=str, default=None, metavar="USER:PASS", help="ask for this user name and password (gradio's login)")
+    return p
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not (sep and user and password):
+        raise UsageError("--auth takes USER:PASS, both non-empty")
+    return user, password
+
+
+def cannot_listen(host: str, port: int) -> str:
+    return f"cannot listen on {host}:{port} (in use, or not an address of this machine); choose another --port or --host"
+
+
+def check_port(host: str, port: int) -> None:
+    import socket
+
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(info[0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind(info[4])
+    except OSError:
+        raise UsageError(cannot_listen(host, port)) from None
+
+
+def serve(args) -> None:
+    from optimizedSD.engine import Engine
+    from optimizedSD.ui import Studio, build
+
+    auth = parse_auth(args.auth)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
+        print(f"note: listening on {args.host} without --auth: anyone who can reach port {args.port} can use "
+              "this server and its device", file=sys.stderr, flush=True)
+    if args.vram is not None:
+        check_memory(args.vram, "--vram")
+    check_port(args.host, args.port)  # before the checkpoint is read, which can take a minute
+    outdirs = {kind: args.outdir or KINDS[kind][2] for kind in KINDS}
+    for outdir in set(outdirs.values()):
+        check_outdir(outdir)
+    spec = resolve_model(args.ckpt, args.config, demo=args.demo, device=args.device)
+    if spec.planning:
+        raise UsageError("--device meta plans without drawing; the web UI needs cuda, mps or cpu")
+    engine = Engine(spec, notify=lambda message: print(message, file=sys.stderr, flush=True))
+    print(f"loading {spec.ckpt} on {spec.device} ...", flush=True)
+    engine.load()
+    page = build(Studio(engine, outdirs, memory_mode(args)))
+    page.queue()
+    try:  # the port may have been taken since check_port
+        page.launch(server_name=args.host, server_port=args.port, auth=auth, share=False, ssr_mode=False,
+                    mcp_server=False, pwa=False, enable_monitoring=False, show_error=False, footer_links=[],
+                    quiet=True, prevent_thread_lock=True)
+    except OSError:
+        raise UsageError(cannot_listen(args.host, args.port)) from None
+    print(f"serving on {page.local_url}{' (login required)' if auth else ''}; Ctrl-C stops", flush=True)
+    page.block_thread()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        serve(args)
+    except (UsageError, OutputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nstopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
