@@ -37,7 +37,7 @@ PACKAGE = Path(__file__).resolve().parent  # shipped to every node (Ray runtime_
 DEPTH = 2  # jobs queued per worker: the next batch is there when one ends
 MAX_RESTARTS = 3  # Ray restarts of a worker that died, after which it is dropped
 MAX_TRIES = 3  # times one job may be lost with its worker before the run stops
-WORKER_NAME = "optimizedSD-worker-{}"  # Ray actor names (ray.get_actor), in the driver's namespace
+WORKER_NAME = "optimizedSD-worker-{}-{}"  # Ray actor name (ray.get_actor): worker number, run tag
 
 
 class ClusterError(RequestError):
@@ -74,13 +74,11 @@ def connect(address: str | None, **init) -> bool:
 class RenderWorker:
     """A Ray actor: the model loaded once (`setup`, again after a restart), then jobs (`render`)."""
 
-    def __init__(self, model: dict, threads: int | None):
+    def __init__(self, model: dict):
         self.model = model  # resolve_model's arguments, paths absolute
         self.engine = None
         self.notes: list[str] = []
         self._requests = (None, None)  # (object ref id, the run's requests)
-        if threads:
-            torch.set_num_threads(threads)
 
     def setup(self) -> dict:
         """Load the model; what the driver checks: the node, the device, the checkpoint's hash."""
@@ -92,8 +90,9 @@ class RenderWorker:
             engine = self._engine()
         except RequestError as e:  # e.g. the checkpoint is not at that path on this node
             raise RequestError(f"worker on {node}: {e}") from None
-        return dict(node=node, pid=os.getpid(), device=str(engine.device), checkpoint_hash=engine.checkpoint_hash,
-                    config=asdict(engine.cfg))
+        # Ray sets OMP_NUM_THREADS to the actor's CPUs unless the user set it: torch's threads follow it.
+        return dict(node=node, pid=os.getpid(), device=str(engine.device), threads=torch.get_num_threads(),
+                    checkpoint_hash=engine.checkpoint_hash, config=asdict(engine.cfg))
 
     def render(self, requests: list, index: int, iteration: int) -> dict:
         """Batch `iteration` of request `index` of the run (`requests`: [object ref of the run's requests],
@@ -204,11 +203,11 @@ def generate(args, log) -> dict:
             + (f"; skipping {skipped} images already in {args.outdir}, rendering {delivery.to_render}" if skipped else ""))
         started, workers = connect(args.ray or None), []
         try:
-            count, options, device, threads = _worker_plan(ray, args)
-            remote = ray.remote(RenderWorker)
-            workers = [remote.options(name=WORKER_NAME.format(k), max_restarts=MAX_RESTARTS, max_task_retries=0,
-                                      **options).remote(dict(model, device=device), threads) for k in range(count)]
-            log(f"ray: {count} worker(s), {device}" + (f", {threads} CPU thread(s) each" if threads else ", one GPU each"))
+            count, options, device = _worker_plan(ray, args)
+            remote, tag = ray.remote(RenderWorker), os.urandom(4).hex()  # a killed run's names may linger a moment
+            workers = [remote.options(name=WORKER_NAME.format(k, tag), max_restarts=MAX_RESTARTS, max_task_retries=0,
+                                      **options).remote(dict(model, device=device)) for k in range(count)]
+            log(f"ray: {count} worker(s) on {device}, " + (f"{options['num_cpus']} CPU(s) each" if device != "cuda" else "one GPU each"))
             with tqdm(total=delivery.to_render, unit="image", desc=f"rendering on {count} worker(s)") as bar:
                 stats, seconds = _run(ray, workers, jobs, ray.put(requests), delivery, bar, run, say)
         finally:
@@ -229,9 +228,9 @@ def generate(args, log) -> dict:
     return figures
 
 
-def _worker_plan(ray, args) -> tuple[int, dict, str, int | None]:
-    """(workers, Ray actor options, their --device, CPU threads each): one per GPU of the cluster (or
-    --workers N of them); without GPUs, or with --device cpu, --workers N (default 1) sharing the CPUs."""
+def _worker_plan(ray, args) -> tuple[int, dict, str]:
+    """(workers, Ray actor options, their --device): one per GPU of the cluster (or --workers N of
+    them); without GPUs, or with --device cpu, --workers N (default 1) sharing the CPUs."""
     from .cli import UsageError
 
     resources = ray.cluster_resources()
@@ -243,52 +242,56 @@ def _worker_plan(ray, args) -> tuple[int, dict, str, int | None]:
         if count > gpus:
             raise UsageError(f"--workers {count}: the Ray cluster has {gpus} GPU(s), one per worker; "
                              f"use --workers {gpus} or fewer")
-        return count, dict(num_gpus=1, num_cpus=1), "cuda", None
+        return count, dict(num_gpus=1, num_cpus=1), "cuda"
     count = args.workers or 1
     if count > cpus:
         raise UsageError(f"--workers {count}: the Ray cluster has {cpus} CPU(s), at least one per worker; "
                          f"use --workers {max(1, cpus)} or fewer")
-    threads = cpus // count
-    return count, dict(num_cpus=threads, scheduling_strategy="SPREAD"), args.device or "cpu", threads
+    return count, dict(num_cpus=cpus // count, scheduling_strategy="SPREAD"), args.device or "cpu"
 
 
 def _run(ray, workers: list, jobs: list, requests_ref, delivery, bar, run: Prepared, log) -> tuple:
     """Render `jobs` on `workers` and hand each result to `delivery`, keeping every ready worker `DEPTH`
-    jobs deep; a lost job goes back to the head of the queue, its worker is set up again (Ray restarts
-    it) or, after `MAX_RESTARTS` deaths, dropped. Returns the workers' figures summed (`RunStats`) and
+    jobs deep; a lost job goes back to the head of the queue and its worker is taken up again once Ray
+    has restarted it (up to `MAX_RESTARTS` times). Returns the workers' figures summed (`RunStats`) and
     the seconds from the first worker ready to the last image delivered."""
     from .cli import warn
     from .engine import RunStats
 
     pending, left = deque(jobs), len(jobs)
     ready, held = [], Counter()  # workers taking jobs; jobs each holds
-    setups = {w.setup.remote(): w for w in workers}  # worker setups in flight
+    setups = {}  # setup ref -> worker (starting, or restarting after a death)
     running = {}  # result ref -> (worker, job)
-    deaths, tries, total, start = Counter(), Counter(), RunStats(), None
-    name = {w: WORKER_NAME.format(k) for k, w in enumerate(workers)}
+    tries, total, start, last_error = Counter(), RunStats(), None, None
+    name = {w: f"worker {k}" for k, w in enumerate(workers)}
 
-    def lost(w, error):
-        """A worker died (or its node): set it up again after Ray restarts it, or drop it."""
-        if w not in ready:
-            return  # the same death, seen through another of its jobs (or a worker dropped already)
-        ready.remove(w)
-        deaths[w] += 1
-        reason = type(error).__name__
-        if deaths[w] > MAX_RESTARTS:
-            warn(f"{name[w]} died ({reason}) {deaths[w]} times; going on without it")
-            return
-        warn(f"{name[w]} died ({reason}); its unfinished jobs go to the other workers, Ray restarts it")
+    restarting = {}  # worker -> when to ask again whether Ray has restarted it
+
+    def set_up(w):
         setups[w.setup.remote()] = w
 
+    def lost(w, error):
+        """A worker died (or its node): take it up again once Ray has restarted it."""
+        if w in ready:  # else the same death, seen through another of its jobs
+            ready.remove(w)
+            warn(f"{name[w]} died ({type(error).__name__}); its unfinished jobs go to the other workers")
+            set_up(w)
+
+    for w in workers:
+        set_up(w)
     while left:
+        for w, when in list(restarting.items()):
+            if time.monotonic() >= when:
+                del restarting[w]
+                set_up(w)
         for w in list(ready):
             while pending and held[w] < DEPTH:
                 job = pending.popleft()
                 running[w.render.remote([requests_ref], job.request, job.iteration)] = (w, job)
                 held[w] += 1
-        if not running and not setups:
-            raise ClusterError(f"every worker died, {left} job(s) unfinished; see the Ray logs (`ray logs`) "
-                               "and run the same command again to render the rest")
+        if not running and not setups and not restarting:
+            raise ClusterError(f"every worker is gone ({last_error}), {left} job(s) unfinished; see the Ray logs "
+                               "(`ray logs`); the same command renders the rest")
         done, _ = ray.wait(list(running) + list(setups), num_returns=1, timeout=1.0)
         for ref in done:
             if ref in setups:
@@ -297,18 +300,17 @@ def _run(ray, workers: list, jobs: list, requests_ref, delivery, bar, run: Prepa
                     info = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:
                     raise _cause(e) from None
-                except ray.exceptions.RayError as e:
-                    deaths[w] += 1
-                    if deaths[w] <= MAX_RESTARTS:
-                        setups[w.setup.remote()] = w
-                    else:
-                        warn(f"{name[w]} could not start ({type(e).__name__}); going on without it")
+                except ray.exceptions.ActorUnavailableError:  # Ray is restarting it: ask again in a moment
+                    restarting[w] = time.monotonic() + 1.0
+                    continue
+                except ray.exceptions.RayError as e:  # out of restarts, or it could not start at all
+                    last_error = _first_line(e)
+                    warn(f"{name[w]} is gone ({type(e).__name__}); going on without it")
                     continue
                 _check_worker(info, run)
                 start = start or time.perf_counter()
                 ready.append(w)
-                if deaths[w] == 0:
-                    log(f"{name[w]} ready on {info['node']} ({info['device']})")
+                log(f"{name[w]} ready on {info['node']} ({info['device']}, {info['threads']} thread(s))")
                 continue
             w, job = running.pop(ref)
             held[w] -= 1
@@ -317,6 +319,7 @@ def _run(ray, workers: list, jobs: list, requests_ref, delivery, bar, run: Prepa
             except ray.exceptions.RayTaskError as e:
                 raise _cause(e) from None
             except ray.exceptions.RayError as e:
+                last_error = _first_line(e)
                 tries[job] += 1
                 if tries[job] >= MAX_TRIES:
                     r = delivery.requests[job.request]
@@ -332,6 +335,10 @@ def _run(ray, workers: list, jobs: list, requests_ref, delivery, bar, run: Prepa
             _add(total, out["stats"])
             left -= 1
     return total, time.perf_counter() - start
+
+
+def _first_line(error) -> str:
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
 
 
 def _check_worker(info: dict, run: Prepared) -> None:
