@@ -2,9 +2,9 @@
 
     driver (this process)                         workers (Ray actors, one per GPU or --workers N on CPU)
     flags -> requests, all checked                RenderWorker: the model loaded once (an Engine)
-    manifest: what is on disk already             render(job): one batch of one request -> arrays
+    manifest: what is on disk already             render(job): one batch of one request
     jobs: the batches still to render  ------->
-    Delivery: writes in single-process order <---  (seeds, (H, W, 3) uint8 images)
+    Delivery: writes in single-process order <---  seeds, encoded files (PNG/JPEG bytes), pixels for the grid
 
 Every (prompt, seed) image belongs to one job, a batch of `--n_samples` consecutive seeds of one
 prompt, batched as a single-process run batches them, so each image equals that run's to the bit.
@@ -78,7 +78,7 @@ class RenderWorker:
         self.model = model  # resolve_model's arguments, paths absolute
         self.engine = None
         self.notes: list[str] = []
-        self._requests = (None, None)  # (object ref id, the run's requests)
+        self._run = (None, None)  # (object ref id, the run: requests, metadata, what to return)
 
     def setup(self) -> dict:
         """Load the model; what the driver checks: the node, the device, the checkpoint's hash."""
@@ -94,18 +94,23 @@ class RenderWorker:
         return dict(node=node, pid=os.getpid(), device=str(engine.device), threads=torch.get_num_threads(),
                     checkpoint_hash=engine.checkpoint_hash, config=asdict(engine.cfg))
 
-    def render(self, requests: list, index: int, iteration: int) -> dict:
-        """Batch `iteration` of request `index` of the run (`requests`: [object ref of the run's requests],
-        fetched once per run): its seeds, images as (H, W, 3) uint8 arrays, notes and figures."""
+    def render(self, run: list, index: int, iteration: int) -> dict:
+        """Batch `iteration` of request `index` (`run`: [object ref of `generate`'s run dict], fetched
+        once): its seeds; the images' files, encoded here as the driver would (so encoding scales with
+        the workers), and/or their pixels as (H, W, 3) uint8 arrays for the grid; notes; figures."""
         from .engine import RunStats
+        from .images import ImageWriter
 
         engine = self._engine()
-        r = self._fetch(requests[0])[index]
+        run = self._fetch(run[0])
+        r = run["requests"][index]
         self.notes.clear()
         stats = RunStats()
         items = [item for batch in engine.render(r, stats=stats, iterations=[iteration]) for item in batch]
-        return dict(seeds=[item.seed for item in items], images=[np.asarray(item.image) for item in items],
-                    notes=list(self.notes), stats=stats)
+        encoder = ImageWriter("", r.prompt, fmt=run["fmt"], metadata=run["metas"][index])  # encodes, writes nothing
+        return dict(seeds=[item.seed for item in items], notes=list(self.notes), stats=stats,
+                    files=[encoder.encode(item.image, item.seed) for item in items] if run["files"] else None,
+                    images=[np.asarray(item.image) for item in items] if run["pixels"] else None)
 
     def _engine(self):
         from .engine import Engine
@@ -115,12 +120,12 @@ class RenderWorker:
             self.engine = Engine(resolve_model(**self.model), notify=self.notes.append).load()
         return self.engine
 
-    def _fetch(self, ref) -> list:
+    def _fetch(self, ref) -> dict:
         import ray
 
-        if self._requests[0] != ref.hex():
-            self._requests = (ref.hex(), ray.get(ref))
-        return self._requests[1]
+        if self._run[0] != ref.hex():
+            self._run = (ref.hex(), ray.get(ref))
+        return self._run[1]
 
 
 @dataclass
@@ -209,7 +214,9 @@ def generate(args, log) -> dict:
                                       **options).remote(dict(model, device=device)) for k in range(count)]
             log(f"ray: {count} worker(s) on {device}, " + (f"{options['num_cpus']} CPU(s) each" if device != "cuda" else "one GPU each"))
             with tqdm(total=delivery.to_render, unit="image", desc=f"rendering on {count} worker(s)") as bar:
-                stats, seconds = _run(ray, workers, jobs, ray.put(requests), delivery, bar, run, say)
+                shared = ray.put(dict(requests=requests, metas=run.metas, fmt=args.format, files=not args.skip_save,
+                                      pixels=not args.skip_grid))
+                stats, seconds = _run(ray, workers, jobs, shared, delivery, bar, run, say)
         finally:
             for w in workers:
                 ray.kill(w, no_restart=True)
@@ -250,7 +257,7 @@ def _worker_plan(ray, args) -> tuple[int, dict, str]:
     return count, dict(num_cpus=cpus // count, scheduling_strategy="SPREAD"), args.device or "cpu"
 
 
-def _run(ray, workers: list, jobs: list, requests_ref, delivery, bar, run: Prepared, log) -> tuple:
+def _run(ray, workers: list, jobs: list, shared, delivery, bar, run: Prepared, log) -> tuple:
     """Render `jobs` on `workers` and hand each result to `delivery`, keeping every ready worker `DEPTH`
     jobs deep; a lost job goes back to the head of the queue and its worker is taken up again once Ray
     has restarted it (up to `MAX_RESTARTS` times). Returns the workers' figures summed (`RunStats`) and
@@ -287,7 +294,7 @@ def _run(ray, workers: list, jobs: list, requests_ref, delivery, bar, run: Prepa
         for w in list(ready):
             while pending and held[w] < DEPTH:
                 job = pending.popleft()
-                running[w.render.remote([requests_ref], job.request, job.iteration)] = (w, job)
+                running[w.render.remote([shared], job.request, job.iteration)] = (w, job)
                 held[w] += 1
         if not running and not setups and not restarting:
             raise ClusterError(f"every worker is gone ({last_error}), {left} job(s) unfinished; see the Ray logs "
@@ -331,7 +338,7 @@ def _run(ray, workers: list, jobs: list, requests_ref, delivery, bar, run: Prepa
                 continue
             for note in out["notes"]:
                 warn(f"{name[w]}: {note}")
-            bar.update(delivery.deliver(job, out["seeds"], out["images"]))
+            bar.update(delivery.deliver(job, out["seeds"], out["images"], out["files"]))
             _add(total, out["stats"])
             left -= 1
     return total, time.perf_counter() - start

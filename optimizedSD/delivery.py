@@ -61,7 +61,7 @@ class Delivery:
             if self._missing[i] or self._grid_due[i]:
                 self._queues.setdefault(self.outdir / slugify(r.prompt), deque()).append(i)
         self._pos = [0] * len(requests)  # the next seed to write, per request
-        self._arrived: list[dict[int, np.ndarray]] = [{} for _ in requests]
+        self._arrived: list[dict[int, tuple]] = [{} for _ in requests]  # seed -> (pixels, file bytes)
         self._writers: dict[int, RequestWriter] = {}
 
     @property
@@ -89,13 +89,18 @@ class Delivery:
         for folder in list(self._queues):
             self._flush(folder)
 
-    def deliver(self, job: Job, seeds: list[int], images: list[np.ndarray]) -> int:
-        """Take a finished job's images ((H, W, 3) uint8 each) and write what can be written now;
-        returns how many were new (images already delivered or on disk are ignored)."""
+    def deliver(self, job: Job, seeds: list[int], images: list[np.ndarray] | None = None,
+                files: list[bytes] | None = None) -> int:
+        """Take a finished job's images and write what can be written now: `images`, (H, W, 3) uint8
+        arrays (needed for a grid; encoded here when there are no `files`), and `files`, each image's
+        file bytes encoded by the worker (`ImageWriter.encode`). Returns how many were new (images
+        delivered before or already on disk are ignored)."""
         i, new = job.request, 0
-        for seed, image in zip(seeds, images):
+        images = [None] * len(seeds) if images is None else images
+        files = [None] * len(seeds) if files is None else files
+        for seed, image, data in zip(seeds, images, files):
             if seed in self._missing[i] and seed not in self._arrived[i]:
-                self._arrived[i][seed] = image
+                self._arrived[i][seed] = (image, data)
                 new += 1
         self._flush(self.outdir / slugify(self.requests[i].prompt))
         return new
@@ -131,7 +136,8 @@ class Delivery:
             elif seed in self._arrived[i]:
                 if not self.skip_save:
                     self.manifest.writing(key, writer.dir, seed=seed)
-                path = writer.add(Image.fromarray(self._arrived[i].pop(seed)), seed)
+                pixels, data = self._arrived[i].pop(seed)
+                path = writer.add(None if pixels is None else Image.fromarray(pixels), seed, data)
                 self._missing[i].discard(seed)
                 if path is not None:
                     self.manifest.written(key, path, seed=seed)

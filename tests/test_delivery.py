@@ -16,6 +16,7 @@ from prompt_runs import IMAGES, run_flags, single_process_run, tree
 from optimizedSD.cli import build_parser
 from optimizedSD.cluster import prepare
 from optimizedSD.delivery import Delivery
+from optimizedSD.images import ImageWriter
 from optimizedSD.manifest import NAME, Manifest, ManifestError
 
 
@@ -31,13 +32,17 @@ def delivery_for(tiny_model, reference, outdir: Path, *extra):
     return Delivery(outdir, run.requests, run.metas, run.keys, manifest, skip_grid=args.skip_grid), manifest
 
 
-def deliver_all(delivery, reference, order_seed: int = 0) -> None:
-    """Every job, in a shuffled order, with the reference run's pixels for its seeds."""
+def deliver_all(delivery, reference, order_seed: int = 0, encoded: bool = False) -> None:
+    """Every job, in a shuffled order, with the reference run's pixels for its seeds (as arrays, or
+    `encoded` as a worker sends them: the files' bytes, and the pixels only for the grid)."""
     jobs = delivery.jobs()
     random.Random(order_seed).shuffle(jobs)
     for job in jobs:
         images = [np.asarray(Image.open(next(reference[1].glob(f"*/seed_{s}_*.png")))) for s in job.seeds]
-        delivery.deliver(job, list(job.seeds), images)
+        r = delivery.requests[job.request]
+        encoder = ImageWriter("", r.prompt, metadata=delivery.metas[job.request])
+        files = [encoder.encode(Image.fromarray(a), s) for a, s in zip(images, job.seeds)] if encoded else None
+        delivery.deliver(job, list(job.seeds), None if encoded and delivery.skip_grid else images, files)
 
 
 def lines(outdir: Path) -> list[dict]:
@@ -45,12 +50,12 @@ def lines(outdir: Path) -> list[dict]:
 
 
 def test_any_arrival_order_writes_the_single_process_files(tiny_model, reference, tmp_path):
-    for order in range(3):
+    for order in range(4):
         out = tmp_path / str(order)
         delivery, manifest = delivery_for(tiny_model, reference, out)
         with manifest:
             assert delivery.skipped == 0 and delivery.to_render == IMAGES and len(delivery.jobs()) == IMAGES // 2
-            deliver_all(delivery, reference, order)
+            deliver_all(delivery, reference, order, encoded=order % 2 == 1)
             assert delivery.done and delivery.written == IMAGES and delivery.grids == 3
         assert tree(out) == tree(reference[1])
         assert sum("file" in entry for entry in lines(out)) == IMAGES + 3
@@ -114,7 +119,7 @@ def test_killed_run_resumes_to_the_single_process_files(tiny_model, reference, t
 def test_grids_of_a_resumed_run_come_from_the_files_on_disk(tiny_model, reference, tmp_path):
     delivery, manifest = delivery_for(tiny_model, reference, tmp_path, "--skip_grid")
     with manifest:
-        deliver_all(delivery, reference)
+        deliver_all(delivery, reference, encoded=True)  # files only: no pixels are sent without a grid
     assert not list(tmp_path.glob("*/grid_*"))
     delivery, manifest = delivery_for(tiny_model, reference, tmp_path)
     with manifest:
