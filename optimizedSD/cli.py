@@ -114,6 +114,13 @@ def build_parser(kind: str = "txt2img") -> argparse.ArgumentParser:
     a("--demo", action="store_true",
       help=f"use the bundled demo model ({DEMO_CKPT}, {DEMO_CONFIG}): a tiny model trained on coloured shapes, "
            "e.g. 'a red circle on a blue background, top left'; draws 64x64 images in seconds on a CPU")
+    # On a Ray cluster (optimizedSD/cluster.py; needs `pip install ray`).
+    a("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+      help="render on a Ray cluster, one worker per GPU, the same files as without it, resumable: running the same "
+           "command again renders only what is missing; ADDRESS: auto (a cluster started with `ray start`) or "
+           "host:port; none: a local cluster on this machine")
+    a("--workers", type=int, default=None,
+      help="with --ray: how many workers (default: one per GPU of the cluster; without GPUs, 1, sharing the CPUs)")
     return p
 
 
@@ -202,6 +209,10 @@ def generate(args) -> dict:
     from .outputs import RequestWriter, metadata
 
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
+    if args.ray is not None or args.workers is not None:  # on a Ray cluster
+        from .cluster import generate as generate_on_ray
+
+        return generate_on_ray(args, log)
     check_flags(args)
     spec = resolve_model(args.ckpt, args.config, demo=args.demo, device=args.device, precision=args.precision,
                          ema=args.ema, notify=log)

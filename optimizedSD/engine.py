@@ -175,9 +175,13 @@ class Engine:
 
     # ---- rendering -----------------------------------------------------------------------------
     def render(self, request: Request, on_step: Callable[[int, int], None] | None = None,
-               cancel: Callable[[], bool] | None = None, stats: RunStats | None = None) -> Iterator[list[Rendered]]:
+               cancel: Callable[[], bool] | None = None, stats: RunStats | None = None,
+               iterations: list[int] | None = None) -> Iterator[list[Rendered]]:
         """The images of a completed `request`, a batch at a time (see the module docstring).
-        `stats` (made fresh when None) accumulates the run's figures."""
+        `stats` (made fresh when None) accumulates the run's figures. `iterations`: which of the
+        request's `n_iter` batches to render (default all); batch `it` holds the seeds
+        `seeds[it * n_samples:(it + 1) * n_samples]` and is rendered exactly as in a whole run (a
+        cluster worker renders one batch of a request per job)."""
         r = request
         if r.seed is None or r.sampler is None:
             raise ValueError("render takes a completed request: call Engine.complete first")
@@ -188,9 +192,12 @@ class Engine:
             self._plan_only(r, plan, stats)
             return
         self.load()
-        yield from self._render(r, plan, on_step, cancel, stats)
+        its = list(range(r.n_iter)) if iterations is None else list(iterations)
+        if any(not 0 <= it < r.n_iter for it in its):
+            raise ValueError(f"iterations {its} outside the request's {r.n_iter} batches")
+        yield from self._render(r, plan, on_step, cancel, stats, its)
 
-    def _render(self, r: Request, plan, on_step, cancel, stats: RunStats) -> Iterator[list[Rendered]]:
+    def _render(self, r: Request, plan, on_step, cancel, stats: RunStats, its: list[int]) -> Iterator[list[Rendered]]:
         from .images import to_pil
         from .inputs import image_tensor, mask_tensor, paste_back
         from .pipeline import SampleSettings
@@ -209,7 +216,7 @@ class Engine:
         image = image_tensor(r.init_image) if r.kind != "txt2img" else None
         mask = mask_tensor(r.mask) if r.kind == "inpaint" else None
         batch_size = plan.batch or r.n_samples
-        total = r.n_iter * -(-r.n_samples // batch_size) * steps
+        total = len(its) * -(-r.n_samples // batch_size) * steps
         done_steps = 0
         start = time.perf_counter()
 
@@ -222,7 +229,7 @@ class Engine:
                 raise Cancelled()
 
         try:
-            for it in range(r.n_iter):
+            for k, it in enumerate(its):
                 seeds = r.seeds[it * r.n_samples:(it + 1) * r.n_samples]
                 done = 0
                 while done < len(seeds):
@@ -240,7 +247,7 @@ class Engine:
                             self._tile_vae(pipe, "out of GPU memory while encoding the init image; retrying with tiled VAE")
                         else:
                             batch_size = self._smaller(pipe, batch_size, len(chunk))
-                            total = done_steps + (r.n_iter - it) * -(-(len(seeds) - done) // batch_size) * steps
+                            total = done_steps + (len(its) - k) * -(-(len(seeds) - done) // batch_size) * steps
                         continue
                     stats.sampled_steps += steps
                     images = to_pil(self._decode(pipe, latents))

@@ -163,15 +163,23 @@ class ImageWriter:
 
     def save(self, image: Image.Image, seed: int, extra_meta: dict | None = None) -> Path:
         """Write `image` as `seed_<seed>_<NNNNN>.<ext>`; returns the path written."""
-        meta = self._meta(image, extra_meta, seed=int(seed))
-        return self._write(image, meta, "image", lambda n: f"seed_{int(seed)}_{n:05d}.{self.ext}")
+        return self.save_encoded(self.encode(image, seed, extra_meta), seed)
+
+    def encode(self, image: Image.Image, seed: int, extra_meta: dict | None = None) -> bytes:
+        """The bytes `save` writes for `image`, metadata included: a cluster worker encodes its images
+        and the driver writes them with `save_encoded` (the folder plays no part here)."""
+        return self._encode(image, self._meta(image, extra_meta, seed=int(seed)))
+
+    def save_encoded(self, data: bytes, seed: int) -> Path:
+        """Write the bytes of `encode` as `seed_<seed>_<NNNNN>.<ext>`; returns the path written."""
+        return self._write(data, "image", lambda n: f"seed_{int(seed)}_{n:05d}.{self.ext}")
 
     def save_grid(self, images: list[Image.Image], n_rows: int | None = None,
                   extra_meta: dict | None = None) -> Path:
         """Write `make_grid(images, n_rows)` as `grid_<NNNN>.<ext>`; returns the path written.
         Its metadata has no seed (it holds several) unless `extra_meta` gives one."""
         grid = make_grid(images, n_rows)
-        return self._write(grid, self._meta(grid, extra_meta), "grid",
+        return self._write(self._encode(grid, self._meta(grid, extra_meta)), "grid",
                            lambda n: f"grid_{n:04d}.{self.ext}")
 
     def _meta(self, image: Image.Image, extra: dict | None, **fixed) -> dict:
@@ -223,8 +231,8 @@ class ImageWriter:
             raise OutputError(f"cannot read output directory {self.dir} ({e.strerror or e}); "
                               "fix its permissions or choose another output directory") from e
 
-    def _write(self, image: Image.Image, meta: dict, kind: str, name) -> Path:
-        data = self._encode(image, meta)  # encode first: a failure leaves no empty file behind
+    def _write(self, data: bytes, kind: str, name) -> Path:
+        """Reserve the next free name and put `data` there (encoded first: a failure leaves no empty file)."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:

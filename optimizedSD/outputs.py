@@ -44,11 +44,14 @@ class RequestWriter:
     def dir(self) -> Path:
         return self.writer.dir
 
-    def add(self, image: Image.Image, seed: int) -> Path | None:
-        self.images.append(image)
+    def add(self, image: Image.Image | None, seed: int, data: bytes | None = None) -> Path | None:
+        """Save `image`, or `data`, its file's bytes when encoded already (`ImageWriter.encode`: a
+        cluster worker's); `image` may then be None when there is no grid to make."""
+        if image is not None:
+            self.images.append(image)
         if self.skip_save:
             return None
-        path = self.writer.save(image, seed)
+        path = self.writer.save(image, seed) if data is None else self.writer.save_encoded(data, seed)
         self.written.append(path)
         return path
 

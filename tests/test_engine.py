@@ -66,6 +66,21 @@ def test_progress_reports_every_step_and_cancel_stops_between_steps(engine):
     assert engine._engine.on_device == set()  # nothing left on the device
 
 
+def test_one_batch_of_a_request_is_that_batch_of_the_whole_run(engine):
+    """`iterations` renders chosen batches (a cluster job), each exactly as in the whole run, fixed code included."""
+    for fixed in (False, True):
+        r = request(engine, n_samples=2, n_iter=3, steps=4, fixed_code=fixed)
+        whole = list(engine.render(r))
+        seen = []
+        part = list(engine.render(r, iterations=[2, 0], on_step=lambda d, t: seen.append((d, t))))
+        assert [[item.seed for item in b] for b in part] == [[15, 16], [11, 12]] and seen[-1] == (8, 8)
+        for got, want in zip(part, (whole[2], whole[0])):
+            assert [item.index for item in got] == [item.index for item in want]
+            assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(got, want))
+    with pytest.raises(ValueError, match="outside the request's 3 batches"):
+        list(engine.render(r, iterations=[3]))
+
+
 def test_request_errors_come_before_any_work(engine):
     with pytest.raises(RequestError, match="--scale must be a finite number"):
         request(engine, scale=float("inf"))

@@ -1,0 +1,384 @@
+"""The commands' `--ray`: one run's images rendered by many workers on a Ray cluster, the files the same.
+
+    driver (this process)                         workers (Ray actors, one per GPU or --workers N on CPU)
+    flags -> requests, all checked                RenderWorker: the model loaded once (an Engine)
+    manifest: what is on disk already             render(job): one batch of one request
+    jobs: the batches still to render  ------->
+    Delivery: writes in single-process order <---  seeds, encoded files (PNG/JPEG bytes), pixels for the grid
+
+Every (prompt, seed) image belongs to one job, a batch of `--n_samples` consecutive seeds of one
+prompt, batched as a single-process run batches them, so each image equals that run's to the bit.
+The driver keeps every worker `DEPTH` jobs deep, writes through `outputs.RequestWriter` (names,
+numbering, metadata and grids as a single-process run: `delivery.py`), and records each file in the
+output folder's manifest, so the same command run again renders only what is missing (`manifest.py`).
+
+Faults: a worker that dies (killed, out of host memory, its node lost) fails the jobs it held; the
+driver puts them back at the head of the queue for the other workers, while Ray restarts the actor
+(`MAX_RESTARTS`), which reloads the model and takes jobs again. A job lost `MAX_TRIES` times stops the
+run. A result is written once, by the driver, atomically. An error a worker raises on purpose (a
+`RequestError`: bad input; running out of GPU memory at the smallest batch) stops the run with its one
+line, as in a single-process run; bad input is found on the driver before Ray starts.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .request import RequestError
+
+PACKAGE = Path(__file__).resolve().parent  # shipped to every node (Ray runtime_env py_modules)
+DEPTH = 2  # jobs queued per worker: the next batch is there when one ends
+MAX_RESTARTS = 3  # Ray restarts of a worker that died, after which it is dropped
+MAX_TRIES = 3  # times one job may be lost with its worker before the run stops
+WORKER_NAME = "optimizedSD-worker-{}-{}"  # Ray actor name (ray.get_actor): worker number, run tag
+
+
+class ClusterError(RequestError):
+    """The cluster cannot finish the run (no worker left, a job lost too often); one line, exit 2."""
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ClusterError("--ray needs Ray: pip install ray (or drop --ray to render in this process)") from None
+    return ray
+
+
+def connect(address: str | None, **init) -> bool:
+    """Connect this process to Ray: `address` "auto" (or host:port) for a cluster started with `ray start`,
+    None for a new local one (`init`: e.g. num_cpus). Nothing goes to the internet: no dashboard, no
+    usage statistics. Returns whether this call connected (so the caller disconnects); a process
+    already connected (a test, a notebook) keeps its connection."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING, runtime_env={"py_modules": [str(PACKAGE)], "excludes": ["__pycache__"]},
+                 **init)
+    except ConnectionError as e:
+        raise ClusterError(f"--ray {address}: no Ray cluster found ({str(e).splitlines()[0]}); start one with "
+                           "`ray start --head`, or give --ray alone for a local one") from None
+    return True
+
+
+class RenderWorker:
+    """A Ray actor: the model loaded once (`setup`, again after a restart), then jobs (`render`)."""
+
+    def __init__(self, model: dict):
+        self.model = model  # resolve_model's arguments, paths absolute
+        self.engine = None
+        self.notes: list[str] = []
+        self._run = (None, None)  # (object ref id, the run: requests, metadata, what to return)
+
+    def setup(self) -> dict:
+        """Load the model; what the driver checks: the node, the device, the checkpoint's hash."""
+        import ray
+        from dataclasses import asdict
+
+        node = ray.util.get_node_ip_address()
+        try:
+            engine = self._engine()
+        except RequestError as e:  # e.g. the checkpoint is not at that path on this node
+            raise RequestError(f"worker on {node}: {e}") from None
+        # Ray sets OMP_NUM_THREADS to the actor's CPUs unless the user set it: torch's threads follow it.
+        return dict(node=node, pid=os.getpid(), device=str(engine.device), threads=torch.get_num_threads(),
+                    checkpoint_hash=engine.checkpoint_hash, config=asdict(engine.cfg))
+
+    def render(self, run: list, index: int, iteration: int) -> dict:
+        """Batch `iteration` of request `index` (`run`: [object ref of `generate`'s run dict], fetched
+        once): its seeds; the images' files, encoded here as the driver would (so encoding scales with
+        the workers), and/or their pixels as (H, W, 3) uint8 arrays for the grid; notes; figures."""
+        from .engine import RunStats
+        from .images import ImageWriter
+
+        engine = self._engine()
+        run = self._fetch(run[0])
+        r = run["requests"][index]
+        self.notes.clear()
+        stats = RunStats()
+        items = [item for batch in engine.render(r, stats=stats, iterations=[iteration]) for item in batch]
+        encoder = ImageWriter("", r.prompt, fmt=run["fmt"], metadata=run["metas"][index])  # encodes, writes nothing
+        return dict(seeds=[item.seed for item in items], notes=list(self.notes), stats=stats,
+                    files=[encoder.encode(item.image, item.seed) for item in items] if run["files"] else None,
+                    images=[np.asarray(item.image) for item in items] if run["pixels"] else None)
+
+    def _engine(self):
+        from .engine import Engine
+        from .model import resolve_model
+
+        if self.engine is None:
+            self.engine = Engine(resolve_model(**self.model), notify=self.notes.append).load()
+        return self.engine
+
+    def _fetch(self, ref) -> dict:
+        import ray
+
+        if self._run[0] != ref.hex():
+            self._run = (ref.hex(), ray.get(ref))
+        return self._run[1]
+
+
+@dataclass
+class Prepared:
+    """A run checked on the driver, before any worker starts: the model, every request (one per
+    prompt, as a single-process run makes them), each one's file metadata and manifest key."""
+    spec: object  # model.ModelSpec, resolved on the driver's CPU: it reads no weights
+    requests: list
+    metas: list[dict]
+    keys: list[str]
+    checkpoint_hash: str
+
+
+def prepare(args, log) -> Prepared:
+    """Everything a single-process run checks before its first image, for a --ray run (`args`: the
+    parsed flags); every error is a `RequestError`."""
+    from .cli import UsageError, check_flags, check_model_flags, check_outdir, requests_of
+    from .engine import Engine
+    from .images import ensure_writable, file_hash
+    from .manifest import settings_key
+    from .model import resolve_model
+    from .outputs import metadata
+    from .pipeline import weight_dtype
+
+    check_flags(args)
+    if args.device == "meta" or (args.device or "").startswith("cuda:"):
+        raise UsageError(f"--device {args.device} does not go with --ray: each worker uses the GPU Ray gives it "
+                         "(or --device cpu); --device meta plans a run in this process")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    spec = resolve_model(args.ckpt, args.config, demo=args.demo, device="cpu", precision=args.precision, ema=args.ema)
+    check_model_flags(args, spec.cfg)
+    requests = requests_of(args, spec, log)
+    check_outdir(args.outdir)
+    meta = torch.device("meta")  # plans a CUDA worker's memory, as --device meta does
+    planner = Engine(spec if args.device == "cpu" else replace(spec, device=meta, dtype=weight_dtype(meta, args.precision)))
+    for r in requests:
+        planner.plan(r)  # a --vram budget too small for the size: an error before any worker starts
+    ensure_writable(args.outdir)
+    checkpoint_hash = file_hash(spec.ckpt)
+    metas = [metadata(r, spec.ckpt, checkpoint_hash) for r in requests]
+    keys = [settings_key(r, m, spec.cfg, args.precision, args.ema, args.format) for r, m in zip(requests, metas)]
+    return Prepared(spec, requests, metas, keys, checkpoint_hash)
+
+
+def generate(args, log) -> dict:
+    """`cli.generate` with `--ray`: the whole run on the cluster; returns its figures (`--json`)."""
+    import sys
+
+    from tqdm import tqdm
+
+    from .cli import UsageError, warn
+    from .delivery import Delivery
+    from .manifest import Manifest
+    from .model import DEMO_CONFIG, ROOT
+
+    if args.ray is None:
+        raise UsageError("--workers goes with --ray (the workers of a Ray cluster); add --ray or drop --workers")
+    ray = import_ray()
+    run = prepare(args, log)
+    requests, spec = run.requests, run.spec
+    model = dict(ckpt=str(spec.ckpt.resolve()), precision=args.precision, ema=args.ema, demo=args.demo,
+                 config=str(Path(args.config).resolve()) if args.config else str(ROOT / DEMO_CONFIG) if args.demo else None)
+    say = lambda m: tqdm.write(m, file=sys.stderr if args.json else sys.stdout)  # noqa: E731 (above the bar)
+    with Manifest.open(args.outdir) as manifest:
+        if manifest.dropped:
+            warn(f"note: {manifest.dropped} unreadable line(s) of the manifest ignored (a run killed while writing it)")
+        for note in manifest.settled:
+            warn(f"note: {note}")
+        delivery = Delivery(args.outdir, requests, run.metas, run.keys, manifest, fmt=args.format,
+                            skip_save=args.skip_save, skip_grid=args.skip_grid, n_rows=args.n_rows)
+        delivery.start()  # grids of requests whose images are all on disk
+        jobs, skipped = delivery.jobs(), delivery.skipped
+        if not jobs:
+            log(f"nothing to render: all {skipped} images of this run are in {args.outdir} already (skipped {skipped})"
+                + (f"; wrote {delivery.grids} grid(s) from them" if delivery.grids else ""))
+            return dict(images=0, skipped=skipped, workers=0, grids=delivery.grids)
+        log(f"seed: {requests[0].seed}" + ("" if args.seed is not None else f" (give --seed {requests[0].seed} to resume)")
+            + f"; checkpoint: {spec.ckpt}"
+            + (f"; skipping {skipped} images already in {args.outdir}, rendering {delivery.to_render}" if skipped else ""))
+        started, workers = connect(args.ray or None), []
+        try:
+            count, options, device = _worker_plan(ray, args)
+            remote, tag = ray.remote(RenderWorker), os.urandom(4).hex()  # a killed run's names may linger a moment
+            workers = [remote.options(name=WORKER_NAME.format(k, tag), max_restarts=MAX_RESTARTS, max_task_retries=0,
+                                      **options).remote(dict(model, device=device)) for k in range(count)]
+            log(f"ray: {count} worker(s) on {device}, " + (f"{options['num_cpus']} CPU(s) each" if device != "cuda" else "one GPU each"))
+            with tqdm(total=delivery.to_render, unit="image", desc=f"rendering on {count} worker(s)") as bar:
+                shared = ray.put(dict(requests=requests, metas=run.metas, fmt=args.format, files=not args.skip_save,
+                                      pixels=not args.skip_grid))
+                stats, seconds = _run(ray, workers, jobs, shared, delivery, bar, run, say)
+        finally:
+            for w in workers:
+                ray.kill(w, no_restart=True)
+            if started:
+                ray.shutdown()
+    figures = stats.figures(device, requests[0].width, requests[0].height)
+    rate = stats.images / max(seconds, 1e-9)
+    figures.update(workers=count, skipped=skipped, render_seconds=round(seconds, 3), images_per_second=round(rate, 3))
+    if stats.redone_in_fp32:
+        warn(f"note: {stats.redone_in_fp32} fp16 decode(s) overflowed and were redone in fp32")
+    dirs = list(dict.fromkeys(delivery.dirs))
+    where = dirs[0] if len(dirs) == 1 else f"{len(dirs)} folders under {args.outdir}"
+    log(f"wrote {delivery.written} images{'' if args.skip_grid else f' and {delivery.grids} grid(s)'} to {where}; "
+        f"{stats.images} rendered in {seconds:.1f} s from the first worker ready ({rate:.2f} images/s on {count} "
+        f"worker(s))" + (f"; skipped {skipped} already there" if skipped else ""))
+    return figures
+
+
+def _worker_plan(ray, args) -> tuple[int, dict, str]:
+    """(workers, Ray actor options, their --device): one per GPU of the cluster (or --workers N of
+    them); without GPUs, or with --device cpu, --workers N (default 1) sharing the CPUs."""
+    from .cli import UsageError
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+    if args.device == "cuda" and not gpus:
+        raise UsageError("--device cuda: the Ray cluster has no GPU; add GPU nodes or use --device cpu")
+    if gpus and args.device in (None, "cuda"):
+        count = args.workers or gpus
+        if count > gpus:
+            raise UsageError(f"--workers {count}: the Ray cluster has {gpus} GPU(s), one per worker; "
+                             f"use --workers {gpus} or fewer")
+        return count, dict(num_gpus=1, num_cpus=1), "cuda"
+    count = args.workers or 1
+    if count > cpus:
+        raise UsageError(f"--workers {count}: the Ray cluster has {cpus} CPU(s), at least one per worker; "
+                         f"use --workers {max(1, cpus)} or fewer")
+    return count, dict(num_cpus=cpus // count, scheduling_strategy="SPREAD"), args.device or "cpu"
+
+
+def _run(ray, workers: list, jobs: list, shared, delivery, bar, run: Prepared, log) -> tuple:
+    """Render `jobs` on `workers` and hand each result to `delivery`, keeping every ready worker `DEPTH`
+    jobs deep; a lost job goes back to the head of the queue and its worker is taken up again once Ray
+    has restarted it (up to `MAX_RESTARTS` times). Returns the workers' figures summed (`RunStats`) and
+    the seconds from the first worker ready to the last image delivered."""
+    from .cli import warn
+    from .engine import RunStats
+
+    pending, left = deque(jobs), len(jobs)
+    ready, held = [], Counter()  # workers taking jobs; jobs each holds
+    setups = {}  # setup ref -> worker (starting, or restarting after a death)
+    running = {}  # result ref -> (worker, job)
+    tries, total, start, last_error = Counter(), RunStats(), None, None
+    name = {w: f"worker {k}" for k, w in enumerate(workers)}
+
+    restarting = {}  # worker -> when to ask again whether Ray has restarted it
+
+    def set_up(w):
+        setups[w.setup.remote()] = w
+
+    def lost(w, error):
+        """A worker died (or its node): take it up again once Ray has restarted it."""
+        if w in ready:  # else the same death, seen through another of its jobs
+            ready.remove(w)
+            warn(f"{name[w]} died ({type(error).__name__}); its unfinished jobs go to the other workers")
+            set_up(w)
+
+    for w in workers:
+        set_up(w)
+    while left:
+        for w, when in list(restarting.items()):
+            if time.monotonic() >= when:
+                del restarting[w]
+                set_up(w)
+        for w in list(ready):
+            while pending and held[w] < DEPTH:
+                job = pending.popleft()
+                running[w.render.remote([shared], job.request, job.iteration)] = (w, job)
+                held[w] += 1
+        if not running and not setups and not restarting:
+            raise ClusterError(f"every worker is gone ({last_error}), {left} job(s) unfinished; see the Ray logs "
+                               "(`ray logs`); the same command renders the rest")
+        done, _ = ray.wait(list(running) + list(setups), num_returns=1, timeout=1.0)
+        for ref in done:
+            if ref in setups:
+                w = setups.pop(ref)
+                try:
+                    info = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    raise _cause(e) from None
+                except ray.exceptions.ActorUnavailableError:  # Ray is restarting it: ask again in a moment
+                    restarting[w] = time.monotonic() + 1.0
+                    continue
+                except ray.exceptions.RayError as e:  # out of restarts, or it could not start at all
+                    last_error = _first_line(e)
+                    warn(f"{name[w]} is gone ({type(e).__name__}); going on without it")
+                    continue
+                _check_worker(info, run)
+                start = start or time.perf_counter()
+                ready.append(w)
+                log(f"{name[w]} ready on {info['node']} ({info['device']}, {info['threads']} thread(s))")
+                continue
+            w, job = running.pop(ref)
+            held[w] -= 1
+            try:
+                out = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                raise _cause(e) from None
+            except ray.exceptions.RayError as e:
+                last_error = _first_line(e)
+                tries[job] += 1
+                if tries[job] >= MAX_TRIES:
+                    r = delivery.requests[job.request]
+                    raise ClusterError(f"the batch of seeds {job.seeds[0]}-{job.seeds[-1]} ({r.prompt!r}) was lost "
+                                       f"{tries[job]} times with its worker ({type(e).__name__}); see the Ray logs "
+                                       "(`ray logs`); the same command renders the rest") from None
+                pending.appendleft(job)
+                lost(w, e)
+                continue
+            for note in out["notes"]:
+                warn(f"{name[w]}: {note}")
+            bar.update(delivery.deliver(job, out["seeds"], out["images"], out["files"]))
+            _add(total, out["stats"])
+            left -= 1
+    return total, time.perf_counter() - start
+
+
+def _first_line(error) -> str:
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+
+
+def _check_worker(info: dict, run: Prepared) -> None:
+    """Every worker must load the driver's model: the same checkpoint bytes and config at that path."""
+    from dataclasses import asdict
+
+    if info["checkpoint_hash"] != run.checkpoint_hash:
+        raise ClusterError(f"the worker on {info['node']} reads another checkpoint (hash {info['checkpoint_hash']}, "
+                           f"here {run.checkpoint_hash}); put the same file at that path on every node")
+    if info["config"] != asdict(run.spec.cfg):
+        raise ClusterError(f"the worker on {info['node']} reads another model config; put the same --config file "
+                           "at that path on every node")
+
+
+def _cause(error):
+    """The error a worker raised: a RequestError (bad input) as this process's one line, running out of
+    GPU memory as the single-process run's; anything else as Ray reports it (with its traceback)."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, RequestError):
+        return RequestError(str(cause))
+    if isinstance(cause, torch.cuda.OutOfMemoryError):
+        return cause
+    return error
+
+
+def _add(total, part) -> None:
+    """Add one job's RunStats to the run's (times and counts summed, peaks the highest)."""
+    total.images += part.images
+    total.seconds += part.seconds
+    total.sampled_steps += part.sampled_steps
+    total.sample_seconds += part.sample_seconds
+    total.sample_bytes += part.sample_bytes
+    total.redone_in_fp32 += part.redone_in_fp32
+    total.add_peaks(part.peaks)
+    total.last_plan, total.unet_bs, total.images_at_once, total.tiled_vae = (
+        part.last_plan, part.unet_bs, part.images_at_once, part.tiled_vae)
