@@ -225,8 +225,8 @@ def generate(args, log) -> dict:
     figures = stats.figures(device, requests[0].width, requests[0].height)
     rate = stats.images / max(seconds, 1e-9)
     figures.update(workers=count, skipped=skipped, render_seconds=round(seconds, 3), images_per_second=round(rate, 3))
-    if stats.redone_in_fp32:
-        warn(f"note: {stats.redone_in_fp32} fp16 decode(s) overflowed and were redone in fp32")
+    for line in stats.notes():
+        warn(line)
     dirs = list(dict.fromkeys(delivery.dirs))
     where = dirs[0] if len(dirs) == 1 else f"{len(dirs)} folders under {args.outdir}"
     log(f"wrote {delivery.written} images{'' if args.skip_grid else f' and {delivery.grids} grid(s)'} to {where}; "
@@ -339,7 +339,7 @@ def _run(ray, workers: list, jobs: list, shared, delivery, bar, run: Prepared, l
             for note in out["notes"]:
                 warn(f"{name[w]}: {note}")
             bar.update(delivery.deliver(job, out["seeds"], out["images"], out["files"]))
-            _add(total, out["stats"])
+            total.add(out["stats"])
             left -= 1
     return total, time.perf_counter() - start
 
@@ -369,16 +369,3 @@ def _cause(error):
     if isinstance(cause, torch.cuda.OutOfMemoryError):
         return cause
     return error
-
-
-def _add(total, part) -> None:
-    """Add one job's RunStats to the run's (times and counts summed, peaks the highest)."""
-    total.images += part.images
-    total.seconds += part.seconds
-    total.sampled_steps += part.sampled_steps
-    total.sample_seconds += part.sample_seconds
-    total.sample_bytes += part.sample_bytes
-    total.redone_in_fp32 += part.redone_in_fp32
-    total.add_peaks(part.peaks)
-    total.last_plan, total.unet_bs, total.images_at_once, total.tiled_vae = (
-        part.last_plan, part.unet_bs, part.images_at_once, part.tiled_vae)

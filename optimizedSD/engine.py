@@ -57,6 +57,15 @@ class RunStats:
     images_at_once: int = 1
     tiled_vae: bool = False
 
+    def add(self, part: "RunStats") -> None:
+        """Add another render's figures (times and counts summed, peaks the highest, the last plan its)."""
+        for name in ("images", "seconds", "sampled_steps", "sample_seconds", "sample_bytes", "redone_in_fp32",
+                     "redone_in_upcast"):
+            setattr(self, name, getattr(self, name) + getattr(part, name))
+        self.add_peaks(part.peaks)
+        self.last_plan, self.unet_bs, self.images_at_once, self.tiled_vae = (
+            part.last_plan, part.unet_bs, part.images_at_once, part.tiled_vae)
+
     def add_peaks(self, peaks: dict) -> None:
         for phase, v in peaks.items():
             self.peaks[phase] = max(self.peaks.get(phase, 0), v)
