@@ -50,8 +50,9 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         n = self.norm(x)
-        # (B, C, H, W) -> (B, 1, H*W, C)
-        q, k, v = (t.reshape(b, c, h * w).transpose(1, 2)[:, None] for t in (self.q(n), self.k(n), self.v(n)))
+        # (B, C, H, W) -> (B, 1, H*W, C), contiguous: a fused SDPA kernel needs the channels innermost
+        q, k, v = (t.reshape(b, c, h * w).transpose(1, 2)[:, None].contiguous()
+                   for t in (self.q(n), self.k(n), self.v(n)))
         out = attention(q, k, v)[:, 0].transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
