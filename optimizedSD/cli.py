@@ -96,7 +96,8 @@ def build_parser(kind: str = "txt2img") -> argparse.ArgumentParser:
     a("--f", type=int, default=8, help="downsampling factor (must match the model: 8 for SD v1)")
     a("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i (default: random)")
     a("--fixed_code", action="store_true", help="every image starts from the first image's noise")
-    a("--unet_bs", type=int, default=1, help="latents passed through each UNet half at once")
+    a("--unet_bs", type=int, default=None,
+      help="latents passed through each UNet half at once (default: 1; on the CPU 2, an image's guided pair)")
     a("--turbo", action="store_true", help="keep both UNet halves on the device while sampling (faster, more VRAM)")
     a("--lowvram", action="store_true",
       help="stream the UNet block by block and encode/decode in VAE tiles: the lowest device memory (slower)")
@@ -235,7 +236,7 @@ def validate(args, cfg: SDConfig) -> None:
         raise UsageError(f"--C {args.C} does not match the model's {cfg.channels} latent channels")
     check_size(args, f)
     for name in ("ddim_steps", "n_samples", "n_iter", "unet_bs"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.n_rows < 0:
         raise UsageError(f"--n_rows must be 0 (automatic) or more, got {args.n_rows}")
@@ -306,7 +307,7 @@ def generate(args) -> dict:
     from .inputs import image_tensor, mask_tensor, paste_back
     from .memory import MetaMeter, meter_for
     from .offload import Offloader, unet_units
-    from .pipeline import Pipeline, SampleSettings, weight_dtype
+    from .pipeline import Pipeline, SampleSettings, default_unet_bs, weight_dtype
     from .planner import PlanError, choose_plan, describe
     from .samplers import strength_steps
     from .tokenizer import VocabNotFoundError, get_tokenizer
@@ -340,9 +341,10 @@ def generate(args) -> dict:
         steps = walked
     seed = args.seed if args.seed is not None else random.randrange(2 ** 32)
     dtype = weight_dtype(device, args.precision)
+    unet_bs = args.unet_bs or default_unet_bs(device)
     try:
         plan = choose_plan(cfg, dtype, turbo=args.turbo, lowvram=args.lowvram, vram=getattr(args, "vram_bytes", None),
-                           unet_bs=args.unet_bs, height=args.H, width=args.W, n_samples=args.n_samples,
+                           unet_bs=unet_bs, height=args.H, width=args.W, n_samples=args.n_samples,
                            guided=args.scale != 1.0, encode=kind != "txt2img")
     except PlanError as e:
         raise UsageError(str(e)) from None

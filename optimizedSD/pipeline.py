@@ -33,6 +33,14 @@ def weight_dtype(device: torch.device, precision: str) -> torch.dtype:
     return torch.float16 if precision == "autocast" and device.type in ("cuda", "meta") else torch.float32
 
 
+def default_unet_bs(device: torch.device) -> int:
+    """--unet_bs when none is given: 1, the least device memory, except on the CPU, where nothing is
+    offloaded and an image's conditional and unconditional latents in one batch of 2 take about 18%
+    less CPU time through the UNet than one at a time (README, CPU speed), for about 0.15 GiB more
+    host memory at 512x512."""
+    return 2 if device.type == "cpu" else 1
+
+
 def pick_device(name: str | None) -> torch.device:
     """--device, or the best available: cuda, then mps, then cpu."""
     if name:
