@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # import this folder as the package
 
 from optimizedSD.cli import UsageError, build_parser, generate  # noqa: E402
+from optimizedSD.pipeline import PRECISIONS  # noqa: E402
 
 CONFIGS = ("lowvram", "default", "vram=2G", "vram=4G", "turbo")
 
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--n_samples", type=int, default=1)
     p.add_argument("--ckpt", default=None)
     p.add_argument("--config", default=None)
-    p.add_argument("--precision", default="autocast", choices=["autocast", "full"])
+    p.add_argument("--precision", default="autocast", choices=PRECISIONS)
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of a table")
     p.add_argument("--load", metavar="CKPT", default=None,
                    help="instead: load CKPT into fp16 fragments and report this process's host RAM peak "

@@ -49,6 +49,8 @@ KINDS = {
 
 
 def build_parser(kind: str = "txt2img") -> argparse.ArgumentParser:
+    from .pipeline import PRECISIONS
+
     prog, description, outdir, strength = KINDS[kind]
     p = Parser(prog=prog, description=description)
     p.set_defaults(kind=kind)
@@ -105,8 +107,9 @@ def build_parser(kind: str = "txt2img") -> argparse.ArgumentParser:
       help="device memory budget, e.g. 2G or 1536M: keeps as much of the UNet on the device as fits, streams "
            "the rest block by block, and picks --unet_bs, images at once and tiled VAE encoding/decoding to fit")
     a("--json", action="store_true", help="print the run's figures (memory per phase, timings) as one JSON object")
-    a("--precision", type=str, default="autocast", choices=["autocast", "full"],
-      help="autocast: fp16 weights and autocast on CUDA; full: fp32 (CPU always runs fp32)")
+    a("--precision", type=str, default="autocast", choices=PRECISIONS,
+      help="autocast: fp16 weights and autocast on CUDA (the CPU and MPS run fp32, exactly); full: fp32; "
+           "bf16 (CPU only): bf16 weights and CPU autocast, faster where the CPU has AMX/AVX512-BF16, not exact")
     a("--device", type=str, default=None,
       help="cuda, cuda:N, mps or cpu (default: cuda if available, else mps, else cpu); meta: plan a CUDA run "
            "shape-only (no checkpoint read, no image written) and print its peak device memory per phase")
@@ -279,6 +282,17 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def check_bf16(device: torch.device, log) -> None:
+    """--precision bf16: the CPU only; say so when this CPU has no bf16 hardware (torch emulates it)."""
+    from .pipeline import BF16_DEVICES, native_bf16
+
+    if device.type not in BF16_DEVICES:
+        raise UsageError(f"--precision bf16 runs on the CPU only, not on --device {device}; "
+                         f"use --precision autocast (fp16) or full there")
+    if not native_bf16():
+        log("note: this CPU has neither AVX512-BF16 nor AMX: bf16 is emulated and may be slower than --precision full")
+
+
 def load_config(path: str | None) -> SDConfig:
     return SDConfig.from_yaml(path) if path else SDConfig()
 
@@ -340,6 +354,8 @@ def generate(args) -> dict:
                              f"to at least {1 / steps:.3g} or use more --ddim_steps")
         steps = walked
     seed = args.seed if args.seed is not None else random.randrange(2 ** 32)
+    if args.precision == "bf16":
+        check_bf16(device, log)
     dtype = weight_dtype(device, args.precision)
     unet_bs = args.unet_bs or default_unet_bs(device)
     try:

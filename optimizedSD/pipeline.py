@@ -23,14 +23,31 @@ from .tokenizer import get_tokenizer
 
 TILE = 64  # latent pixels per side of a VAE tile (512 image pixels), overlapping by 16
 
-# Precision policy, in one place: which dtype the fragments' weights take on each device.
-# "autocast" means fp16 weights and torch.autocast on CUDA; everything else computes in fp32.
-PRECISIONS = ("autocast", "full")
+# Precision policy, in one place: which dtype the fragments' weights take on each device, and the
+# autocast they compute under (`Pipeline._autocast`).
+# - "autocast": fp16 weights and torch.autocast(fp16) on CUDA (and on `meta`, which plans a CUDA run);
+#   the CPU and MPS ignore it and compute in fp32, exactly: it is the default everywhere.
+# - "full": fp32 weights and arithmetic on every device.
+# - "bf16": the CPU only, and only when asked for: bf16 weights and torch.autocast("cpu", bf16), so
+#   matrix products and convolutions run in bf16 (AMX / AVX512-BF16 where the CPU has them) while
+#   GroupNorm32 stays in fp32; faster, but not the fp32 image (README, CPU speed).
+PRECISIONS = ("autocast", "full", "bf16")
+BF16_DEVICES = ("cpu",)
 
 
 def weight_dtype(device: torch.device, precision: str) -> torch.dtype:
-    """fp16 for autocast on CUDA and on `meta` (which plans a CUDA run); fp32 otherwise."""
+    """fp16 for autocast on CUDA and on `meta`; bf16 for bf16 on the CPU; fp32 otherwise."""
+    if precision == "bf16":
+        if device.type not in BF16_DEVICES:
+            raise ValueError(f"precision bf16 runs on the CPU only, not on {device.type}")
+        return torch.bfloat16
     return torch.float16 if precision == "autocast" and device.type in ("cuda", "meta") else torch.float32
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere torch emulates it."""
+    cpu = torch.cpu
+    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def default_unet_bs(device: torch.device) -> int:
@@ -82,6 +99,8 @@ class Pipeline:
     def _autocast(self):
         if self.dtype == torch.float16 and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.float16)
+        if self.dtype == torch.bfloat16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
     # ---- text -------------------------------------------------------------------------------

@@ -17,10 +17,12 @@ from .config import UNetConfig
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32 whatever the input dtype, as the reference ResBlocks do."""
+    """GroupNorm computed in fp32 whatever the input and weight dtypes, as the reference ResBlocks do
+    (CUDA autocast casts the fp16 weights up itself; CPU autocast does not, so it is done here)."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        weight, bias = (None if p is None else p.float() for p in (self.weight, self.bias))
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
