@@ -193,6 +193,12 @@ class Pipeline:
         return latent if keep is None else keep * init + (1 - keep) * latent
 
     # ---- VAE --------------------------------------------------------------------------------
+    def _vae_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """The VAE's input in the memory format it runs fastest in here: channels-last on the CPU,
+        where its convolutions (and everything after them, which keeps the format) then take about
+        10% less CPU time at 512x512 (README, CPU speed); as it is elsewhere."""
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cpu" else x
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in about [-1, 1], fp32, decoded one at a
         time, in tiles when `self.tile`; an fp16 decode that overflows is redone in fp32."""
@@ -200,7 +206,7 @@ class Pipeline:
         tile = TILE if self.tile else None
         with self.engine.phase("decode"), self.engine.use(VAE_DECODER) as vae, self._autocast():
             for z in latents.split(1):
-                z = (z / self.cfg.scale_factor).to(self.device)
+                z = self._vae_layout((z / self.cfg.scale_factor).to(self.device))
                 if self.device.type == "meta":  # planning: no values to check for overflow
                     image = vae.decode(z.to(self.dtype)) if tile is None else decode_tiled(vae, z.to(self.dtype), tile)
                 else:
@@ -217,7 +223,7 @@ class Pipeline:
         run's later batches of the same image tensor."""
         if self._posterior is None or self._posterior[0] is not image:
             with self.engine.phase("encode"), self.engine.use(VAE_ENCODER) as vae, self._autocast():
-                x = image.to(self.device, self.dtype)
+                x = self._vae_layout(image.to(self.device, self.dtype))
                 moments = encode_tiled(vae, x, self.cfg.downsample_factor, TILE) if self.tile else vae.encode(x)
                 # to the host (planning: the same placement, no values)
                 mean, logvar = (torch.zeros(m.shape) if m.is_meta else m.float().cpu() for m in moments)
