@@ -10,7 +10,10 @@ v (B, heads, Nk, dv), and returns (B, heads, Nq, dv):
              (slice, chunk, Nk) score block; also slices B*heads when `slice_size` is set.
 Sliced and chunked may instead be given a byte budget, `max_score_bytes`: each call then picks its
 slice and chunk from its own shapes so that `score_bytes` of the call stays under the budget (one
-budget fits every layer: UNet self- and cross-attention at every resolution, and the VAE).
+budget fits every layer: UNet self- and cross-attention at every resolution, and the VAE). With
+`sdpa_if_fused`, a call that torch's SDPA would run in a fused kernel (`fused_sdpa`: flash /
+memory-efficient, which never materialise the (Nq, Nk) scores; on the CPU, torch's flash kernel for
+equal head dims) goes to SDPA, and only the others are sliced or chunked.
 
 Both UNet `CrossAttention` and the VAE's single-head `AttnBlock` call `attention`, so one policy
 governs all of them. The policy is module-global state set once by the pipeline through
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 STRATEGIES = ("sdpa", "sliced", "chunked")
 DEFAULT_CHUNK = 1024  # query tokens per chunk for "chunked" with neither chunk_size nor a budget
@@ -39,6 +43,7 @@ class AttentionPolicy:
     chunk_size: int | None = None  # query tokens per chunk ("chunked"); None: DEFAULT_CHUNK, or
     #                                as many as max_score_bytes allows when a budget is set
     max_score_bytes: int | None = None  # budget for score_bytes; slice/chunk above become upper bounds
+    sdpa_if_fused: bool = False  # "sliced"/"chunked": calls that SDPA runs fused go to SDPA instead
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -47,8 +52,9 @@ class AttentionPolicy:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"attention {name} must be a positive integer, got {value!r}")
-        if self.strategy == "sdpa" and self.max_score_bytes is not None:
-            raise ValueError("max_score_bytes needs the 'sliced' or 'chunked' strategy; sdpa picks its own workspace")
+        if self.strategy == "sdpa" and (self.max_score_bytes is not None or self.sdpa_if_fused):
+            raise ValueError("max_score_bytes and sdpa_if_fused need the 'sliced' or 'chunked' strategy; "
+                             "sdpa picks its own workspace")
 
 
 _policy = AttentionPolicy()
@@ -78,8 +84,9 @@ def auto_policy(device: torch.device | str, max_score_bytes: int | None = None) 
     """The policy a real run on `device` should use.
 
     CUDA without a budget: "sdpa", which dispatches to the flash / memory-efficient kernels (no
-    (Nq, Nk) block). CPU, MPS and any other device: "chunked" under `max_score_bytes` (default
-    HOST_SCORE_BYTES), since their SDPA may fall back to the math kernel that materialises every
+    (Nq, Nk) block). CPU, MPS and any other device without a budget: SDPA for every call it runs in
+    a fused kernel (on the CPU, torch's flash kernel: every SD v1 attention, UNet and VAE, at any
+    size), else "chunked" under HOST_SCORE_BYTES, since SDPA's math fallback materialises every
     head's full score matrix. An explicit `max_score_bytes` forces chunking on every device, CUDA
     included, so a planner that cannot fit its model of the sdpa workspace can bound it exactly.
     """
@@ -87,8 +94,22 @@ def auto_policy(device: torch.device | str, max_score_bytes: int | None = None) 
     if max_score_bytes is None:
         if device.type == "cuda":
             return AttentionPolicy("sdpa")
-        max_score_bytes = HOST_SCORE_BYTES
+        return AttentionPolicy("chunked", max_score_bytes=HOST_SCORE_BYTES, sdpa_if_fused=True)
     return AttentionPolicy("chunked", max_score_bytes=int(max_score_bytes))
+
+
+def fused_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether torch's SDPA runs these inputs in a fused kernel (flash or memory-efficient: no
+    (Nq, Nk) score block), as its own dispatcher decides for their device, dtype, shapes and strides.
+    On the CPU that is the flash kernel, which needs equal q/k/v head dims and a contiguous last dim.
+    False where torch cannot say (`torch._fused_sdp_choice` missing) or on `meta`."""
+    choose = getattr(torch, "_fused_sdp_choice", None)
+    if choose is None or q.is_meta:
+        return False
+    return choose(q, k, v) in _FUSED
+
+
+_FUSED = {int(SDPBackend.FLASH_ATTENTION), int(SDPBackend.EFFICIENT_ATTENTION)}
 
 
 def blocks(policy: AttentionPolicy, bh: int, nq: int, nk: int, elem: int) -> tuple[int, int]:
@@ -131,6 +152,8 @@ def score_bytes(policy: AttentionPolicy, b: int, h: int, nq: int, nk: int, dtype
       but an fp32 output accumulator (B, h, Nq, d) and the fp32 log-sum-exp (B, h, Nq); `d` (the
       head dim) is required. torch's math fallback (e.g. SDPA on CPU for some shapes) would
       instead materialise b * h * Nq * Nk scores; `auto_policy` does not choose sdpa there.
+    - `sdpa_if_fused`: the sliced/chunked figure, a bound for the calls SDPA does not run fused
+      (whether it does depends on strides and torch's dispatcher, not on shapes alone).
     Not counted, for every strategy: q/k/v and output sized tensors, O(B * h * N * d), which are
     the layer's activations (the blocked strategies also make contiguous (B*h, N, d) copies).
     """
@@ -156,7 +179,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               policy: AttentionPolicy | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v: (B, h, Nq, d), (B, h, Nk, d), (B, h, Nk, dv) -> (B, h, Nq, dv)."""
     policy = policy or _policy
-    if policy.strategy == "sdpa":
+    if policy.strategy == "sdpa" or (policy.sdpa_if_fused and fused_sdpa(q, k, v)):
         return _meta_sdpa(q, k, v) if q.is_meta else F.scaled_dot_product_attention(q, k, v)
     b, h, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[-1]

@@ -8,6 +8,7 @@ meta, is timed before the first row: `planner setup`).
     python optimizedSD/bench.py --device cpu --config configs/tiny.yaml --ckpt t.ckpt --sizes 64
     python optimizedSD/bench.py --device cuda --configs lowvram default vram=2G vram=4G turbo --json
     python optimizedSD/bench.py --load sd-v1-4-fp32.safetensors   # host RAM of loading fp16 fragments
+    python optimizedSD/bench.py --vs-diffusers full-fp32.safetensors --runs 3   # CPU, whole process vs diffusers
 
 On `meta` no checkpoint is read and the figures are the planner's; on CPU nothing moves between
 devices, so only the timings mean something.
@@ -22,6 +23,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # import this folder as the package
 
 from optimizedSD.cli import UsageError, build_parser, generate  # noqa: E402
+from optimizedSD.pipeline import PRECISIONS  # noqa: E402
 
 CONFIGS = ("lowvram", "default", "vram=2G", "vram=4G", "turbo")
 
@@ -52,12 +54,24 @@ def main(argv=None) -> int:
     p.add_argument("--n_samples", type=int, default=1)
     p.add_argument("--ckpt", default=None)
     p.add_argument("--config", default=None)
-    p.add_argument("--precision", default="autocast", choices=["autocast", "upcast", "full"])
+    p.add_argument("--precision", default="autocast", choices=list(PRECISIONS))
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of a table")
     p.add_argument("--load", metavar="CKPT", default=None,
                    help="instead: load CKPT into fp16 fragments and report this process's host RAM peak "
                         "against the torch baseline and the fp16 weights (run it in a fresh process)")
+    p.add_argument("--vs-diffusers", metavar="CKPT", default=None,
+                   help="instead: time whole CPU runs of this tool against diffusers' StableDiffusionPipeline on "
+                        "CKPT's weights (original layout), in alternating processes: the first of --sizes, "
+                        "--steps (default 4) DDIM steps, --precision; needs diffusers (requirements-dev.txt)")
+    p.add_argument("--runs", type=int, default=2, help="--vs-diffusers: pairs of runs (default 2)")
     args = p.parse_args(argv)
+    if args.vs_diffusers:
+        from optimizedSD import bench_vs_diffusers
+
+        if args.runs < 1 or (args.steps or 4) < 1:
+            p.error("--runs and --steps must be at least 1")
+        return bench_vs_diffusers.main(args.vs_diffusers, args.config, args.sizes[0], args.steps or 4, args.runs,
+                                       args.precision, args.json)
     if args.load:
         return bench_load(args.load, args.config, args.json)
     steps = args.steps or (2 if args.device == "meta" else 20)

@@ -109,6 +109,13 @@ def load_fragments(path: str | Path, cfg: SDConfig, names=FRAGMENTS, dtype: torc
     return modules
 
 
+def read_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint file by its key, as stored (views of a file mapping where the
+    format allows), unchecked: for converters that want the original layout whole."""
+    with _open(Path(path)) as (shapes, read, _):
+        return {key: read(key) for key in shapes}
+
+
 def empty_fragments(cfg: SDConfig, names=FRAGMENTS, dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
     """Fragments `names` as `load_fragments` gives them, but with uninitialised weights and no file
     read: real CPU tensors in `dtype`, allocated and never written (the planner's host copies)."""

@@ -91,7 +91,8 @@ def build_parser(kind: str = "txt2img") -> argparse.ArgumentParser:
     a("--f", type=int, default=8, help="downsampling factor (must match the model: 8 for SD v1)")
     a("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i (default: random)")
     a("--fixed_code", action="store_true", help="every image starts from the first image's noise")
-    a("--unet_bs", type=int, default=1, help="latents passed through each UNet half at once")
+    a("--unet_bs", type=int, default=None,
+      help="latents passed through each UNet half at once (default: 1; on the CPU 2, an image's guided pair)")
     a("--turbo", action="store_true", help="keep both UNet halves on the device while sampling (faster, more VRAM)")
     a("--lowvram", action="store_true",
       help="stream the UNet block by block and encode/decode in VAE tiles: the lowest device memory (slower)")
@@ -99,10 +100,11 @@ def build_parser(kind: str = "txt2img") -> argparse.ArgumentParser:
       help="device memory budget, e.g. 2G or 1536M: keeps as much of the UNet on the device as fits, streams "
            "the rest block by block, and picks --unet_bs, images at once and tiled VAE encoding/decoding to fit")
     a("--json", action="store_true", help="print the run's figures (memory per phase, timings) as one JSON object")
-    a("--precision", type=str, default=None, choices=["autocast", "upcast", "full"],
+    a("--precision", type=str, default=None, choices=["autocast", "upcast", "full", "bf16"],
       help="autocast: fp16 weights and autocast on CUDA; upcast: fp16 weights, each layer computed in fp32 "
-           "(about fp16's memory, no fp16 overflow); full: fp32 (CPU always runs fp32). Default: upcast on "
-           "GTX 16xx cards (their fp16 gives black images), else autocast")
+           "(about fp16's memory, no fp16 overflow); full: fp32 (the CPU and MPS always run fp32 unless bf16); "
+           "bf16 (CPU only): bf16 weights and CPU autocast, faster where the CPU has AMX/AVX512-BF16, not exact. "
+           "Default: upcast on GTX 16xx cards (their fp16 gives black images), else autocast")
     a("--device", type=str, default=None,
       help="cuda, cuda:N, mps or cpu (default: cuda if available, else mps, else cpu); meta: plan a CUDA run "
            "shape-only (no checkpoint read, no image written) and print its peak device memory per phase")

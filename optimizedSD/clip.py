@@ -1,35 +1,132 @@
-"""The text encoder fragment: transformers' CLIPTextModel built from a config (never downloaded).
+"""The text encoder fragment: CLIP's text transformer (Radford et al. 2021), as OpenAI's `clip/model.py`
+and transformers' `CLIPTextModel` compute it, written here so that a run never imports transformers
+(its import alone costs seconds of CPU time in every process).
 
-The module path `transformer.text_model.*` equals the checkpoint keys under `cond_stage_model.`.
-Its output is the final-layer-normed hidden states (B, 77, hidden), as the reference
-`FrozenCLIPEmbedder` returns.
+Module paths `transformer.text_model.*` equal the checkpoint keys under `cond_stage_model.` and
+transformers' names: `embeddings.{token,position}_embedding`, `encoder.layers.N.{self_attn.{q,k,v,out}_proj,
+layer_norm1, mlp.fc1, mlp.fc2, layer_norm2}`, `final_layer_norm`. Its output is the final-layer-normed
+hidden states (B, 77, hidden), as the reference `FrozenCLIPEmbedder` returns.
+Checked against transformers' `CLIPTextModel` in tests/test_components.py.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .config import TextConfig
+from .config import TEXT_ACTIVATIONS, TextConfig
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's GELU approximation x * sigmoid(1.702 x)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+assert set(ACTIVATIONS) == set(TEXT_ACTIVATIONS)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention: (B, N, hidden) -> (B, N, hidden)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.heads = cfg.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(cfg.hidden_size, cfg.hidden_size)
+                                                                for _ in range(4))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        # (B, N, heads*dim) -> (B, heads, N, dim)
+        q, k, v = (p(x).reshape(b, n, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # token i sees tokens 0..i
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.activation = ACTIVATIONS[cfg.hidden_act]
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(ln1(x)), then + mlp(ln2(.))."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+    def forward(self, tokens):
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        return self.token_embedding(tokens) + self.position_embedding(positions)[None]
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, tokens):
+        return self.final_layer_norm(self.encoder(self.embeddings(tokens)))
 
 
 class TextEncoder(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        import transformers
-        from transformers import CLIPTextConfig, CLIPTextModel
-
-        transformers.logging.set_verbosity_error()
-        config = CLIPTextConfig(**asdict(cfg), projection_dim=cfg.hidden_size,
-                                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-        config._attn_implementation = "sdpa"
-        model = CLIPTextModel(config)
-        # transformers 4.x nests the text tower as `.text_model`; 5.x is the tower itself. Either way
-        # the checkpoint's `transformer.text_model.*` path is rebuilt here.
         self.transformer = nn.Module()
-        self.transformer.text_model = getattr(model, "text_model", model)
+        self.transformer.text_model = TextTransformer(cfg)
+        self._init_weights(cfg)
+
+    @torch.no_grad()
+    def _init_weights(self, cfg: TextConfig) -> None:
+        """transformers' CLIP initialisation (`CLIPPreTrainedModel._init_weights`, initializer_factor 1),
+        which the demo model's training starts from: embeddings N(0, 0.02); q/k/v and fc2
+        N(0, hidden^-1/2 (2 layers)^-1/2), out_proj N(0, hidden^-1/2), fc1 N(0, (2 hidden)^-1/2);
+        biases 0; LayerNorms 1 and 0 (PyTorch's own)."""
+        model = self.transformer.text_model
+        in_std = cfg.hidden_size ** -0.5 * (2 * cfg.num_hidden_layers) ** -0.5
+        stds = [(model.embeddings.token_embedding, 0.02), (model.embeddings.position_embedding, 0.02)]
+        for layer in model.encoder.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            stds += [(a.q_proj, in_std), (a.k_proj, in_std), (a.v_proj, in_std), (a.out_proj, cfg.hidden_size ** -0.5),
+                     (mlp.fc1, (2 * cfg.hidden_size) ** -0.5), (mlp.fc2, in_std)]
+        for module, std in stds:
+            module.weight.normal_(0.0, std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (B, 77) -> hidden states (B, 77, hidden)."""
-        return self.transformer.text_model(input_ids=tokens).last_hidden_state
+        return self.transformer.text_model(tokens)

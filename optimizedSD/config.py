@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 LATENT_SCALE = 0.18215  # SD v1 `scale_factor`: latents are VAE means times this
+TEXT_ACTIVATIONS = ("quick_gelu", "gelu")  # the text encoder's `hidden_act`s clip.py computes
 
 
 class ConfigError(ValueError):
@@ -77,6 +78,9 @@ class SDConfig:
             raise ConfigError(
                 f"config: unet context_dim {self.unet.context_dim} != text encoder hidden_size "
                 f"{self.text.hidden_size}; they must match")
+        if self.text.hidden_act not in TEXT_ACTIVATIONS:
+            raise ConfigError(f"config: text encoder hidden_act {self.text.hidden_act!r} is not supported; "
+                              f"use one of {', '.join(TEXT_ACTIVATIONS)}")
 
     @property
     def downsample_factor(self) -> int:

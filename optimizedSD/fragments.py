@@ -27,7 +27,7 @@ _ROUTES = (
 
 # Keys real SD v1 checkpoints carry that no fragment needs: the training schedule's buffers
 # (we recompute the schedule from the config), the EMA bookkeeping scalars, the loss log-variance,
-# and the CLIP position ids buffer (rebuilt by transformers).
+# and the CLIP position ids buffer (positions are counted in `clip.Embeddings`).
 SKIPPED_KEYS = frozenset({
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",

@@ -49,6 +49,10 @@ class ModelSpec:
             name = self.ckpt.name if self.ckpt else "the model"
             raise RequestError(f"{name} is an SD v1 inpainting checkpoint (9-channel UNet): it can only inpaint; "
                                "use optimized_inpaint.py or the inpainting tab")
+        if request.unet_bs is None:
+            from .pipeline import default_unet_bs
+
+            request = replace(request, unet_bs=default_unet_bs(self.device))
         return complete(request, self.cfg, demo=self.demo, labels=labels, notify=notify)
 
 
@@ -57,7 +61,7 @@ def resolve_model(ckpt: str | Path | None = None, config: str | Path | None = No
                   notify: Callable[[str], None] = lambda message: None) -> ModelSpec:
     """The model to load, found and checked (see the module docstring); nothing is loaded. Without a
     `precision`, the device's (`pipeline.default_precision`: upcast on GTX 16xx cards, said to `notify`)."""
-    from .pipeline import PRECISIONS, default_precision, weight_dtype
+    from .pipeline import PRECISIONS, default_precision, native_bf16, weight_dtype
 
     if demo:
         ckpt = ckpt or _demo_file(DEMO_CKPT)
@@ -73,6 +77,13 @@ def resolve_model(ckpt: str | Path | None = None, config: str | Path | None = No
             notify(note)
     if precision not in PRECISIONS:
         raise RequestError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if PRECISIONS[precision].cpu_only:
+        if device.type != "cpu":
+            raise RequestError(f"--precision {precision} runs on the CPU only, not on --device {device}; "
+                               "use --precision autocast (fp16) or full there")
+        if not native_bf16():
+            notify("note: this CPU has neither AVX512-BF16 nor AMX: bf16 is emulated and may be slower than "
+                   "--precision full")
     path = None if device.type == "meta" else find_checkpoint(ckpt)
     if path is not None:
         cfg = _with_checkpoint_unet(cfg, path)

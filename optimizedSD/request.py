@@ -74,7 +74,7 @@ class Request:
     long_prompts: bool = False
     fixed_code: bool = False  # every image starts from the first image's noise
     memory: str = "default"
-    unet_bs: int = 1
+    unet_bs: int | None = None  # None: the device's (`ModelSpec.complete`)
     init_image_name: str | None = None  # for the metadata; `complete` takes it from a path
     mask_name: str | None = None
 

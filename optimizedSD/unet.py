@@ -25,7 +25,8 @@ from .config import UNetConfig
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in fp32 whatever the input and weight dtypes, as the reference ResBlocks do
-    (CUDA autocast computes group_norm in fp32 anyway; elsewhere fp16 weights are cast here)."""
+    (CUDA autocast computes group_norm in fp32 anyway; CPU autocast does not, and upcast or bf16 weights
+    are cast here)."""
 
     def forward(self, x):
         w, b = (None if p is None else p.float() for p in (self.weight, self.bias))

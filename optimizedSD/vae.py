@@ -50,9 +50,11 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         n = self.norm(x)
-        # (B, C, H, W) -> (B, 1, H*W, C)
-        q, k, v = (t.reshape(b, c, h * w).transpose(1, 2)[:, None] for t in (self.q(n), self.k(n), self.v(n)))
-        out = attention(q, k, v)[:, 0].transpose(1, 2).reshape(b, c, h, w)
+        # (B, C, H, W) -> (B, 1, H*W, C) with the channels innermost, as a fused SDPA kernel needs them:
+        # already so when x is channels-last (the CPU decodes so), else copied
+        q, k, v = (t.permute(0, 2, 3, 1).reshape(b, 1, h * w, c).contiguous()
+                   for t in (self.q(n), self.k(n), self.v(n)))
+        out = attention(q, k, v).reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last strides
         return x + self.proj_out(out)
 
 

@@ -15,8 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import optimizedSD.attention as attention_module
-from optimizedSD.attention import (DEFAULT_CHUNK, HOST_SCORE_BYTES, AttentionPolicy, attention, auto_policy, get_policy,
-                                   score_bytes, set_policy)
+from optimizedSD.attention import (DEFAULT_CHUNK, HOST_SCORE_BYTES, AttentionPolicy, attention, auto_policy,
+                                   fused_sdpa, get_policy, score_bytes, set_policy)
 from optimizedSD.config import tiny_config
 from optimizedSD.fragments import UNET_IN, UNET_OUT, VAE
 from reference import tiny_fragments
@@ -80,6 +80,7 @@ POLICIES = [
     AttentionPolicy("chunked", max_score_bytes=2 * 3 * 10 * 77 * 4),  # budget: 7 rows x 4 queries
     AttentionPolicy("chunked", max_score_bytes=1000),         # below one row of one query: 1 x 1
     AttentionPolicy("sliced", max_score_bytes=2 * 2 * 77 * 77 * 4),   # budget: slices of 2
+    auto_policy("cpu"),                                       # SDPA where fused (d == dv), else chunked
 ]
 
 
@@ -190,7 +191,7 @@ def test_auto_policy():
     assert auto_policy("cuda") == AttentionPolicy("sdpa")
     assert auto_policy(torch.device("cuda", 1)) == AttentionPolicy("sdpa")
     for device in ("cpu", "mps"):
-        assert auto_policy(device) == AttentionPolicy("chunked", max_score_bytes=HOST_SCORE_BYTES)
+        assert auto_policy(device) == AttentionPolicy("chunked", max_score_bytes=HOST_SCORE_BYTES, sdpa_if_fused=True)
     # A budget forces chunking everywhere, CUDA included.
     assert auto_policy("cuda", max_score_bytes=64 * MiB) == AttentionPolicy("chunked", max_score_bytes=64 * MiB)
     assert auto_policy("cpu", max_score_bytes=10**6).max_score_bytes == 10**6
@@ -203,6 +204,8 @@ def test_policy_validation():
         AttentionPolicy("chunked", chunk_size=0)
     with pytest.raises(ValueError, match="max_score_bytes"):
         AttentionPolicy("sdpa", max_score_bytes=10)
+    with pytest.raises(ValueError, match="sdpa_if_fused"):
+        AttentionPolicy("sdpa", sdpa_if_fused=True)
     with pytest.raises(ValueError, match="head dim"):
         score_bytes(AttentionPolicy("sdpa"), 1, 8, 4096, 4096, torch.float16)
 
@@ -244,3 +247,51 @@ def test_score_bytes_sdpa_is_accumulator_and_logsumexp():
     # memory-efficient kernel: fp32 (B, h, Nq, d) accumulator + fp32 (B, h, Nq) log-sum-exp, no Nq x Nk
     assert score_bytes(AttentionPolicy("sdpa"), 2, 8, 4096, 4096, F16, d=40) == 2 * 8 * 4096 * 41 * 4
     assert score_bytes(AttentionPolicy("sdpa"), 1, 1, 4096, 4096, F16, d=512) == 4096 * 513 * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU's policy: SDPA where torch runs it fused, chunked under the budget elsewhere
+# ---------------------------------------------------------------------------------------------
+
+def test_fused_sdpa_on_cpu():
+    """torch's CPU flash kernel takes equal head dims with the last dim contiguous; the rest would go
+    to the math kernel, which materialises the (Nq, Nk) scores."""
+    q, k = torch.randn(2, 8, 64, 40), torch.randn(2, 8, 77, 40)
+    assert fused_sdpa(q, k, k)                                      # UNet cross-attention's shapes
+    assert fused_sdpa(*(torch.randn(2, 77, 8, 40).transpose(1, 2),) * 3)  # CrossAttention's strided views
+    assert not fused_sdpa(q, k, torch.randn(2, 8, 77, 24))         # dv != d
+    single = torch.randn(1, 512, 64).transpose(1, 2)[:, None]       # (B, 1, tokens, C), channels strided
+    assert not fused_sdpa(single, single, single)
+    assert fused_sdpa(*(single.contiguous(),) * 3)
+    with torch.device("meta"):
+        assert not fused_sdpa(q.to("meta"), k.to("meta"), k.to("meta"))
+
+
+def test_cpu_policy_runs_fused_sdpa_in_both_models(frags, restore_policy, monkeypatch):
+    """Under the CPU's auto policy every attention of the UNet and the VAE (encoder and decoder) is
+    one fused SDPA call and none is chunked; outputs equal the chunked policy's."""
+    set_policy(AttentionPolicy("chunked", chunk_size=7))
+    chunked = _unet_and_vae(frags)
+    blocks, sdpa = [], []
+    real_block, real_sdpa = attention_module._block, attention_module.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention_module, "_block", lambda *a: blocks.append(1) or real_block(*a))
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention",
+                        lambda q, k, v: sdpa.append((q.shape, k.shape)) or real_sdpa(q, k, v))
+    set_policy(auto_policy("cpu"))
+    outputs = _unet_and_vae(frags)
+    assert blocks == [] and len(sdpa) > 0
+    assert any(shape[1] == 1 for shape, _ in sdpa)  # the VAE's single-head attention went fused too
+    for name, ours, ref in zip(("unet", "vae decode", "vae mean", "vae logvar"), outputs, chunked):
+        assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()), name
+
+
+def test_cpu_policy_chunks_what_sdpa_would_materialise():
+    """A call SDPA cannot run fused (dv != d) stays under the budget: chunked, never the math kernel's
+    whole (Nq, Nk) block (here 2 * 8 * 1024 * 1024 * 4 = 64 MiB against a 4 MiB budget)."""
+    budget = 4 * MiB
+    policy = AttentionPolicy("chunked", max_score_bytes=budget, sdpa_if_fused=True)
+    q, k, v = torch.randn(1, 8, 1024, 16), torch.randn(1, 8, 1024, 16), torch.randn(1, 8, 1024, 24)
+    with LiveBytes() as live:
+        out = attention(q, k, v, policy)
+    assert live.peak - out.numel() * 4 <= budget
+    assert_close_to(out, math_attention(q, k, v))

@@ -22,7 +22,7 @@ from optimizedSD.config import SDConfig, UNetConfig
 from optimizedSD.images import file_hash
 
 REPO = Path(__file__).resolve().parent.parent
-FORBIDDEN = ("ldm", "pytorch_lightning", "taming", "clip", "diffusers")
+FORBIDDEN = ("ldm", "pytorch_lightning", "taming", "clip", "diffusers", "transformers")  # transformers: import cost
 ISSUE_FLAGS = ("--prompt --negative_prompt --outdir --skip_grid --skip_save --ddim_steps --fixed_code --ddim_eta "
                "--n_iter --H --W --C --f --n_samples --n_rows --scale --device --from-file --seed --unet_bs --turbo "
                "--precision --format --sampler --ckpt --config --ema --plms").split()
@@ -255,7 +255,7 @@ def _poisoned_packages(where: Path) -> None:
 
 def test_drop_in_folder_in_a_compvis_checkout(tiny_model, tmp_path):
     """optimizedSD/ copied alone into a CompVis checkout (with its own `ldm`): finds the checkpoint at
-    the CompVis path, runs, and imports none of ldm, pytorch_lightning, taming, clip, diffusers."""
+    the CompVis path, runs, and imports none of ldm, pytorch_lightning, taming, clip, diffusers, transformers."""
     ckpt, yaml, *_ = tiny_model
     checkout = tmp_path / "stable-diffusion"
     shutil.copytree(REPO / "optimizedSD", checkout / "optimizedSD", ignore=shutil.ignore_patterns("__pycache__"))

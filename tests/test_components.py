@@ -144,8 +144,9 @@ def test_unet_with_memory_saving_attention_matches_diffusers(tiny, policy):
 # VAE: encode (posterior mean, logvar) and decode vs diffusers AutoencoderKL
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])  # channels-last: the CPU's
 @pytest.mark.parametrize("hw", [(64, 64), (72, 56)])
-def test_vae_matches_diffusers(tiny, hw):
+def test_vae_matches_diffusers(tiny, hw, layout):
     cfg, frags, ckpt = tiny
     ref_model = diffusers_vae(cfg, ckpt)
     ours_vae = frags[VAE]
@@ -155,9 +156,9 @@ def test_vae_matches_diffusers(tiny, hw):
     z = torch.randn(2, cfg.vae.embed_dim, hw[0] // f, hw[1] // f, generator=g)
     image0, z0 = image.clone(), z.clone()
     with torch.no_grad():
-        mean, logvar = ours_vae.encode(image)
+        mean, logvar = ours_vae.encode(image.contiguous(memory_format=layout))
         posterior = ref_model.encode(image).latent_dist
-        decoded = ours_vae.decode(z)
+        decoded = ours_vae.decode(z.contiguous(memory_format=layout))
         ref_decoded = ref_model.decode(z).sample
     assert torch.equal(image, image0) and torch.equal(z, z0), "inputs were modified"
     assert mean.shape == (2, cfg.vae.embed_dim, hw[0] // f, hw[1] // f)

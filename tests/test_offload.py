@@ -153,3 +153,25 @@ def test_every_mode_gives_the_same_image():
 def test_unknown_resident_unit_is_refused():
     with pytest.raises(ValueError, match="unknown resident units"):
         Offloader(build_fragments(tiny_config(), [UNET_IN]), torch.device("meta"), "stream", ("unet_in.nope",))
+
+
+@pytest.mark.parametrize("mode, n_resident", [("default", 0), ("turbo", 0), ("stream", 0), ("stream", 5)])
+def test_on_the_cpu_nothing_is_copied(mode, n_resident):
+    """When the compute device is the host, every fragment computes with its host masters themselves:
+    while each runs, every parameter and buffer is the tensor loaded (same storage), and no byte moves."""
+    cfg = tiny_config()
+    fragments = build_fragments(cfg)
+    masters = {n: {k: v.data_ptr() for k, v in m.state_dict().items()} for n, m in fragments.items()}
+    resident = tuple(u for u, _ in unet_units(fragments))[:n_resident]
+    engine = Offloader(fragments, torch.device("cpu"), mode, resident)
+    ran = []
+
+    def same_storage(name, module):
+        ran.append(name)
+        assert {k: v.data_ptr() for k, v in module.state_dict().items()} == masters[name], name
+
+    for name, module in fragments.items():
+        module.register_forward_pre_hook(lambda mod, args, name=name: same_storage(name, mod))
+    fragments[VAE].decoder.register_forward_pre_hook(lambda mod, args: same_storage(VAE, fragments[VAE]))
+    Pipeline(cfg, engine).txt2img("a fox", "", [1], 64, 64, SampleSettings("ddim", 2, 7.5))
+    assert set(ran) == set(FRAGMENTS) and engine.bytes_moved == 0
