@@ -63,12 +63,13 @@ def _meta_fragments(cfg: SDConfig, dtype: torch.dtype):
 
 
 def predict(cfg: SDConfig, dtype: torch.dtype, plan: MemoryPlan, height: int, width: int, batch: int,
-            guided: bool = True, encode: bool = False) -> tuple[dict[str, int], int]:
+            guided: bool = True, encode: bool = False, fragments=None) -> tuple[dict[str, int], int]:
     """(planned peak device bytes per phase, host->device bytes per sampling step) of `plan`; with
-    `encode`, the init image's VAE encoding (img2img, inpainting) too."""
+    `encode`, the init image's VAE encoding (img2img, inpainting) too. `fragments`: host fragments to
+    plan with (e.g. `checkpoint.empty_fragments`, LoRA-patched); default: built from `cfg` on meta."""
     from .pipeline import Pipeline, SampleSettings
 
-    fragments = _meta_fragments(cfg, dtype)
+    fragments = _meta_fragments(cfg, dtype) if fragments is None else fragments
     with using_policy(auto_policy("cuda")), MetaMeter() as meter:  # the kernels of the CUDA run planned
         engine = Offloader(fragments, torch.device("meta"), plan.mode, plan.resident, meter=meter)
         pipe = Pipeline(cfg, engine, dtype=dtype, unet_bs=plan.unet_bs, tile=plan.tile)
