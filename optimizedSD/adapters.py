@@ -140,6 +140,11 @@ def load_adapter_folder(fragments: dict[str, nn.Module], cfg: SDConfig, folder: 
     return sum(v.numel() for state in states.values() for v in state.values())
 
 
+def adapter_metadata(folder: str | Path, adapters: AdapterConfig) -> dict[str, str]:
+    """`Adapters`: the folder the adapters came from and what they are (positions, mid_dim, activation, scale)."""
+    return {"Adapters": f"{Path(folder)} ({adapters.describe()})"}
+
+
 def _read_folder(folder: Path, modules: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
     """module path -> its state dict read from `folder`, checked against `modules`."""
     files = {p.name for p in folder.iterdir() if p.suffix == ".pt" and p.is_file()}

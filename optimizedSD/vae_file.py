@@ -20,6 +20,7 @@ from torch import nn
 from .checkpoint import CheckpointError, _finish, _parameters_on_meta, _some
 from .config import SDConfig
 from .fragments import VAE, build_fragment
+from .hashes import vae_hash
 from .weights_file import read_tensors
 
 PREFIX = "first_stage_model."
@@ -60,6 +61,11 @@ def load_vae(path: str | Path, cfg: SDConfig, dtype: torch.dtype = torch.float32
     module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     _finish(VAE, module, dtype)
     return module
+
+
+def vae_metadata(path: str | Path) -> dict[str, str]:
+    """`VAE` (the file's name) and `VAE hash` (webui infotext) of a separate VAE."""
+    return {"VAE": Path(path).name, "VAE hash": vae_hash(path)}
 
 
 # diffusers AutoencoderKL key -> CompVis, given the number of levels (decoder up_blocks run in reverse)

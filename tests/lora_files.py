@@ -89,3 +89,27 @@ def write_kohya(path: Path, state: dict) -> Path:
 
     save_file(state, str(path), metadata={"ss_network_module": "networks.lora"})
     return path
+
+
+def write_random_kohya(path: Path, cfg, rank: int = 16, convs: bool = False, seed: int = 0) -> Path:
+    """A random kohya-layout LoRA for `cfg` on every attention/feed-forward Linear and the text encoder
+    (plus every Conv2d, LoCon, with `convs`): for timing patches of full-size models, where no reference
+    is run. Shapes from the name table (`lora_targets`) and the model's own modules."""
+    from optimizedSD.fragments import TEXT_ENCODER, UNET_IN, UNET_OUT, build_fragments, fragment_of
+    from optimizedSD.lora import lora_targets
+
+    with torch.device("meta"):
+        fragments = build_fragments(cfg, (UNET_IN, UNET_OUT, TEXT_ENCODER))
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for d, o in lora_targets(cfg).items():
+        fragment, local = fragment_of(o + ".weight")
+        shape = tuple(fragments[fragment].get_parameter(local).shape)
+        if len(shape) == 4 and not convs:
+            continue
+        kind, _, module = d.partition(".")
+        name = f"lora_{'unet' if kind == 'unet' else 'te'}_{module.replace('.', '_')}"
+        state[f"{name}.lora_down.weight"] = torch.randn((rank, *shape[1:]), generator=g).half()
+        state[f"{name}.lora_up.weight"] = torch.randn((shape[0], rank, *((1, 1) if len(shape) == 4 else ())), generator=g).half()
+        state[f"{name}.alpha"] = torch.tensor(rank / 2)
+    return write_kohya(path, state)

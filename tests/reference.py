@@ -151,6 +151,15 @@ def sd_v1_scheduler_config() -> dict:
                 timestep_spacing="leading")
 
 
+def ddim_scheduler():
+    """diffusers' DDIMScheduler configured as SD v1 (CompVis' DDIM)."""
+    from diffusers import DDIMScheduler
+
+    cfg = sd_v1_scheduler_config()
+    cfg.pop("skip_prk_steps")
+    return DDIMScheduler(**cfg)
+
+
 def write_yaml_config(cfg: SDConfig, path: Path) -> Path:
     """`cfg` as a CompVis-style YAML file, for `--config`."""
     cfg.save_yaml(path)

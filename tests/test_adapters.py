@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler
-from reference import assert_same_image, diffusers_images, our_images, random_tiny_model, sd_v1_scheduler_config
+from reference import assert_same_image, ddim_scheduler, diffusers_images, our_images
 
 from optimizedSD.adapters import AdapterError, adapter_modules, load_adapter_folder
 from optimizedSD.checkpoint import load_fragments
-from optimizedSD.config import AdapterConfig, AdapterSpec, ConfigError, SDConfig, tiny_config
+from optimizedSD.config import AdapterConfig, AdapterSpec, ConfigError, SDConfig
 from optimizedSD.offload import fragment_bytes
 from optimizedSD.planner import MemoryPlan, predict
 
@@ -29,8 +28,8 @@ COMBOS = {  # config name -> (transformer spec, resblock spec); that project's a
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return random_tiny_model(tmp_path_factory)
+def model(random_model):
+    return random_model
 
 
 # ---- that project's folder layout, written from the checkpoint's own key names ---------------------
@@ -138,10 +137,11 @@ def _hook_transformer(block, spec, adapter, scale):
         raise NotImplementedError(spec)
 
 
-def _ddim():
-    cfg = sd_v1_scheduler_config()
-    cfg.pop("skip_prk_steps")
-    return DDIMScheduler(**cfg)
+
+def _with_adapters(cfg, folder):
+    def prepare(fragments):
+        load_adapter_folder(fragments, cfg, folder, torch.float32)
+    return prepare
 
 
 @pytest.mark.parametrize("combo", list(COMBOS))
@@ -152,11 +152,10 @@ def test_adapters_equal_the_hooked_reference(model, tmp_path, combo):
     scale = (spec_t or spec_r).scale
     folder = write_folder(tmp_path / "999-adapters", state, spec_t, spec_r, duplicates=combo != "attn1i-attn2i")
     ours_model = (cfg.with_adapters(adapters), path, state, workdir)
-    a = our_images(ours_model, [SEED], 64, 64, "ddim", mode="stream",
-                   prepare=lambda f: load_adapter_folder(f, ours_model[0], folder, torch.float32) and None)[0]
-    b = diffusers_images(model, SEED, 64, 64, _ddim(),
+    a = our_images(ours_model, [SEED], 64, 64, "ddim", mode="stream", prepare=_with_adapters(ours_model[0], folder))[0]
+    b = diffusers_images(model, SEED, 64, 64, ddim_scheduler(),
                          prepare=lambda pipe: hook_reference(pipe, state, folder, spec_t, spec_r, scale))[0]
-    plain = diffusers_images(model, SEED, 64, 64, _ddim())[0]
+    plain = diffusers_images(model, SEED, 64, 64, ddim_scheduler())[0]
     assert np.abs(b - plain).mean() > 3  # the adapters change the image
     assert_same_image(a, b)
 
@@ -167,9 +166,8 @@ def test_adapter_scale_override_equals_the_reference_at_that_scale(model, tmp_pa
     folder = write_folder(tmp_path / "adapters", state, spec, None)
     adapters = AdapterConfig(spec).with_scale(0.4)
     ours_model = (cfg.with_adapters(adapters), path, state, workdir)
-    a = our_images(ours_model, [SEED], 64, 64, "ddim",
-                   prepare=lambda f: load_adapter_folder(f, ours_model[0], folder, torch.float32) and None)[0]
-    b = diffusers_images(model, SEED, 64, 64, _ddim(),
+    a = our_images(ours_model, [SEED], 64, 64, "ddim", prepare=_with_adapters(ours_model[0], folder))[0]
+    b = diffusers_images(model, SEED, 64, 64, ddim_scheduler(),
                          prepare=lambda pipe: hook_reference(pipe, state, folder, spec, None, 0.4))[0]
     assert_same_image(a, b)
 
@@ -356,3 +354,12 @@ def test_duplicate_copies_alone_are_enough(loaded, tmp_path):
     load_adapter_folder(fragments, cfg, folder, torch.float32)
     name, module = next(iter(adapter_modules(fragments).items()))
     assert torch.equal(module.adp[0].weight, torch.load(folder / f"{name}.adp.pt", weights_only=True)["0.weight"])
+
+
+def test_adapter_metadata_names_the_folder_and_the_adapters(tmp_path):
+    from optimizedSD.adapters import adapter_metadata
+
+    adapters = AdapterConfig(AdapterSpec("attn2o", "ffni", 60), AdapterSpec("resi", "reso", 7, "silu", 0.5))
+    assert adapter_metadata(tmp_path / "999-adapters", adapters) == {
+        "Adapters": f"{tmp_path / '999-adapters'} (attn2o->ffni (mid 60, default, scale 1), "
+                    "resi->reso (mid 7, silu, scale 0.5))"}

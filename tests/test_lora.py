@@ -8,11 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
 from lora_files import (LOCON_TARGETS, TEXT_TARGETS, UNET_TARGETS, allow_installed_peft, kohya_state, lora_tensors,
                         write_kohya, write_peft)
-from reference import (assert_same_image, checkpoint, diffusers_images, diffusers_unet, ldm_config, our_images,
-                       pipeline_images, random_tiny_model, sd_v1_scheduler_config, tiny_fragments, transformers_clip)
+from reference import (assert_same_image, checkpoint, ddim_scheduler, diffusers_images, diffusers_unet, ldm_config,
+                       our_images, pipeline_images, sd_pipeline, transformers_clip)
 
 from optimizedSD.checkpoint import empty_fragments, load_fragments
 from optimizedSD.config import SDConfig, tiny_config
@@ -26,15 +25,10 @@ from optimizedSD.planner import MemoryPlan, predict
 SEED = 31
 
 
-def _ddim():
-    cfg = sd_v1_scheduler_config()
-    cfg.pop("skip_prk_steps")
-    return DDIMScheduler(**cfg)
-
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return random_tiny_model(tmp_path_factory)
+def model(random_model):
+    return random_model
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +62,7 @@ def _reference(model, loras, monkeypatch):
         for i, (path, _) in enumerate(loras):
             pipe.load_lora_weights(str(path), adapter_name=f"lora{i}")
         pipe.set_adapters([f"lora{i}" for i in range(len(loras))], adapter_weights=[w for _, w in loras])
-    return diffusers_images(model, SEED, 64, 64, _ddim(), prepare=prepare)[0]
+    return diffusers_images(model, SEED, 64, 64, ddim_scheduler(), prepare=prepare)[0]
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +89,12 @@ def test_two_loras_with_weights_equal_diffusers_set_adapters(model, files, plain
 def test_patched_weights_equal_diffusers_fused_weights(model, files, monkeypatch):
     """Weight by weight: our patched checkpoint, converted by diffusers' own converter, equals diffusers'
     UNet and text encoder after `fuse_lora` (fp32 sums in another order: 1e-5)."""
-    from reference import sd_pipeline
-
     allow_installed_peft(monkeypatch)
     cfg, path, state, workdir = model
     fragments = load_fragments(path, cfg)
     apply_loras(fragments, [(read_lora(files["kohya"], cfg), 0.8)])
     patched = checkpoint(fragments)
-    pipe = sd_pipeline(cfg, {k: v.clone() for k, v in state.items()}, _ddim(), workdir)  # fuse_lora writes in place
+    pipe = sd_pipeline(cfg, {k: v.clone() for k, v in state.items()}, ddim_scheduler(), workdir)  # fuse_lora writes in place
     pipe.load_lora_weights(str(files["kohya"]), adapter_name="k")
     pipe.fuse_lora(lora_scale=0.8)
     pipe.unload_lora_weights()
