@@ -50,12 +50,7 @@ class LoraLayer:
     target: str  # checkpoint module name: model.diffusion_model.input_blocks.1.1.proj_in
     down: torch.Tensor  # (rank, in) or (rank, in, kh, kw)
     up: torch.Tensor  # (out, rank) or (out, rank, 1, 1)
-    scale: float  # alpha / rank
-
-    def delta(self) -> torch.Tensor:
-        """scale * up @ down in fp32, shaped as the layer's weight (out, in[, kh, kw])."""
-        product = self.up.float().flatten(1) @ self.down.float().flatten(1)
-        return (product * self.scale).reshape(self.up.shape[0], *self.down.shape[1:])
+    scale: float  # alpha / rank: the layer's weight changes by scale * up @ down (convs: per kernel tap)
 
 
 @dataclass(frozen=True)
@@ -321,24 +316,37 @@ class LoraPatch:
 
 def apply_loras(fragments: dict[str, nn.Module], loras: list[tuple[Lora, float]]) -> LoraPatch:
     """Patch the host masters of `fragments` with `loras` [(lora, weight)]: each touched weight becomes
-    cast(W_fp32 + sum of weight * scale * up @ down). Only between phases (every weight on the host);
-    undo one patch (`LoraPatch.undo`) before applying the next."""
-    deltas: dict[str, torch.Tensor] = {}
+    cast(W_fp32 + sum of weight * scale * up @ down), one layer at a time (a single fp32 copy of one
+    weight at once: `addmm_` accumulates the products into it). Only between phases (every weight on
+    the host); undo one patch (`LoraPatch.undo`) before applying the next."""
+    by_target: dict[str, list[tuple[LoraLayer, float]]] = {}
     for lora, weight in loras:
-        if weight == 0:
-            continue
-        for layer in lora.layers:
-            d = layer.delta() * weight
-            deltas[layer.target] = deltas[layer.target] + d if layer.target in deltas else d
+        if weight != 0:
+            for layer in lora.layers:
+                by_target.setdefault(layer.target, []).append((layer, weight))
     patch = LoraPatch(loras)
+    weights = {t: fragments[f].get_parameter(k) for t in by_target for f, k in [fragment_of(t + ".weight")]}
+    for target, weight in weights.items():
+        if weight.device.type not in ("cpu", "meta"):
+            raise RuntimeError(f"{target} is on {weight.device}: patch LoRAs only between phases")
+    scratch = {}  # device -> one fp32 buffer for the largest weight, reused (no page faults per layer)
     with torch.no_grad():
-        for target, delta in deltas.items():
-            fragment, local = fragment_of(target + ".weight")
-            weight = fragments[fragment].get_parameter(local)
-            if weight.device.type not in ("cpu", "meta"):
-                raise RuntimeError(f"{target} is on {weight.device}: patch LoRAs only between phases")
+        for target, layers in by_target.items():
+            weight = weights[target]
             patch._originals.append((weight, weight.detach().clone()))
-            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+            in_place = weight.dtype == torch.float32  # fp32 already: summed in place
+            if in_place:
+                total = weight.detach()
+            else:
+                if weight.device not in scratch:
+                    size = max(w.numel() for w in weights.values() if w.device == weight.device)
+                    scratch[weight.device] = torch.empty(size, dtype=torch.float32, device=weight.device)
+                total = scratch[weight.device][:weight.numel()].view(weight.shape).copy_(weight)  # (out, in[, kh, kw])
+            flat = total.view(total.shape[0], -1)  # (out, in * kh * kw): conv kernels as rows
+            for layer, w in layers:
+                flat.addmm_(layer.up.flatten(1).float(), layer.down.flatten(1).float(), alpha=layer.scale * w)
+            if not in_place:
+                weight.copy_(total)  # the one rounding to the weight's dtype
     return patch
 
 

@@ -130,18 +130,27 @@ def test_undo_restores_a_fresh_load_bit_for_bit(model, files):
 
 
 def test_fp16_patch_rounds_once(model, files):
-    """In fp16 the patched weight is the fp32 sum cast once, not a sum of fp16 roundings."""
+    """In fp16 the patched weight is the exact sum rounded once: it equals the float64 sum cast to fp16
+    but for rare ties (fp32 accumulation), where rounding W + delta in two fp16 steps misses often."""
+    from optimizedSD.fragments import fragment_of
+
     cfg, path, _, _ = model
     lora = read_lora(files["peft"], cfg)
     fragments = load_fragments(path, cfg, dtype=torch.float16)
-    layer = lora.layers[0]
-    from optimizedSD.fragments import fragment_of
-
-    frag, local = fragment_of(layer.target + ".weight")
-    w = fragments[frag].get_parameter(local)
-    expected = (w.float() + 0.5 * layer.delta()).half()
+    weights = {layer.target: fragments[fragment_of(layer.target + ".weight")[0]].get_parameter(
+        fragment_of(layer.target + ".weight")[1]) for layer in lora.layers}
+    exact, twice = {}, {}
+    for layer in lora.layers:
+        w = weights[layer.target]
+        delta = (layer.up.double().flatten(1) @ layer.down.double().flatten(1) * layer.scale * 0.5).reshape(w.shape)
+        exact[layer.target] = (w.double() + delta).half()
+        twice[layer.target] = w + delta.half()  # the fp16 sum of an fp16 delta: two roundings
     apply_loras(fragments, [(lora, 0.5)])
-    assert w.dtype == torch.float16 and torch.equal(w, expected)
+    n = sum(w.numel() for w in weights.values())
+    missed = sum((w != exact[t]).sum().item() for t, w in weights.items())
+    missed_twice = sum((twice[t] != exact[t]).sum().item() for t in weights)
+    assert all(w.dtype == torch.float16 for w in weights.values())
+    assert missed / n < 0.002 < 0.02 < missed_twice / n, (missed / n, missed_twice / n)
 
 
 def test_table_covers_every_lora_layer_of_both_models():
