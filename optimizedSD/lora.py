@@ -59,11 +59,6 @@ class Lora:
     path: Path
     layers: tuple[LoraLayer, ...]
 
-    def parts(self) -> str:
-        unet = any(layer.target.startswith(UNET_NAME) for layer in self.layers)
-        text = any(layer.target.startswith(TEXT_NAME) for layer in self.layers)
-        return " and ".join(p for p, on in (("UNet", unet), ("text encoder", text)) if on)
-
 
 # ---- the table: diffusers module names -> ours ---------------------------------------------------
 def lora_targets(cfg: SDConfig) -> dict[str, str]:
@@ -382,7 +377,7 @@ def find_lora(name: str, dirs) -> Path:
     for folder in map(Path, dirs):
         for pattern in ("{}{}", "**/{}{}"):
             for suffix in LORA_SUFFIXES:
-                hits = sorted(folder.glob(pattern.format(glob_escape(name), suffix))) if folder.is_dir() else []
+                hits = sorted(folder.glob(pattern.format(_glob_escape(name), suffix))) if folder.is_dir() else []
                 if hits:
                     return hits[0]
     where = ", ".join(str(d) for d in dirs)
@@ -390,7 +385,7 @@ def find_lora(name: str, dirs) -> Path:
                     f"put the file there or pass --lora_dir")
 
 
-def glob_escape(name: str) -> str:
+def _glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
