@@ -9,6 +9,7 @@ meta, is timed before the first row: `planner setup`).
     python optimizedSD/bench.py --device cuda --configs lowvram default vram=2G vram=4G turbo --json
     python optimizedSD/bench.py --load sd-v1-4-fp32.safetensors   # host RAM of loading fp16 fragments
     python optimizedSD/bench.py --vs-diffusers full-fp32.safetensors --runs 3   # CPU, whole process vs diffusers
+    python optimizedSD/bench.py --lora film_grain.safetensors     # time and host RAM of a LoRA patch
 
 On `meta` no checkpoint is read and the figures are the planner's; on CPU nothing moves between
 devices, so only the timings mean something.
@@ -64,6 +65,10 @@ def main(argv=None) -> int:
                         "CKPT's weights (original layout), in alternating processes: the first of --sizes, "
                         "--steps (default 4) DDIM steps, --precision; needs diffusers (requirements-dev.txt)")
     p.add_argument("--runs", type=int, default=2, help="--vs-diffusers: pairs of runs (default 2)")
+    p.add_argument("--lora", metavar="FILE", default=None,
+                   help="instead: read the LoRA FILE, patch the fp16 host weights of the model (--config; "
+                        "uninitialised, no checkpoint read) and undo; report the seconds and the host RAM the "
+                        "originals of the patched layers hold")
     args = p.parse_args(argv)
     if args.vs_diffusers:
         from optimizedSD import bench_vs_diffusers
@@ -74,6 +79,8 @@ def main(argv=None) -> int:
                                        args.precision, args.json)
     if args.load:
         return bench_load(args.load, args.config, args.json)
+    if args.lora:
+        return bench_lora(args.lora, args.config, args.json)
     steps = args.steps or (2 if args.device == "meta" else 20)
     rows = []
     setup = plan_setup_seconds(args.config, args.precision)
@@ -164,6 +171,46 @@ def bench_load(ckpt: str, config: str | None, as_json: bool) -> int:
         print(f"loaded {ckpt} into fp16 fragments in {seconds:.1f} s: host RAM peak {peak / 2**30:.2f} GiB = "
               f"torch baseline {baseline / 2**30:.2f} GiB + {(peak - baseline) / 2**30:.2f} GiB, "
               f"{row['peak_over_baseline_per_weights']:.3f}x the fp16 weights ({weights / 2**30:.2f} GiB)")
+    return 0
+
+
+def bench_lora(path: str, config: str | None, as_json: bool) -> int:
+    """Wall and CPU seconds of reading a LoRA, patching the host masters of fp16 fragments (what a CUDA
+    autocast run keeps on the host) and undoing it, with the bytes of the layers it touched (the host
+    RAM the patch holds as originals). CPU seconds add up over threads."""
+    import time
+
+    import torch
+
+    from optimizedSD.checkpoint import empty_fragments
+    from optimizedSD.config import SDConfig
+    from optimizedSD.lora import apply_loras, read_lora
+
+    cfg = SDConfig.from_yaml(config) if config else SDConfig()
+    fragments = empty_fragments(cfg, dtype=torch.float16)
+    for module in fragments.values():  # touch every page once, as a loaded checkpoint would have
+        for t in module.parameters():
+            t.detach().zero_()
+    times = []
+    clock = lambda: (time.perf_counter(), time.process_time())  # noqa: E731
+    start = clock()
+    lora = read_lora(path, cfg)
+    times.append(clock())
+    patch = apply_loras(fragments, [(lora, 1.0)])
+    times.append(clock())
+    held = sum(original.numel() * original.element_size() for _, original in patch._originals)
+    patch.undo()
+    times.append(clock())
+    (r_wall, r_cpu), (p_wall, p_cpu), (u_wall, u_cpu) = [(b[0] - a[0], b[1] - a[1]) for a, b in
+                                                         zip([start] + times[:-1], times)]
+    row = dict(lora=path, layers=len(lora.layers), patched_bytes=held, read_seconds=round(r_wall, 2),
+               patch_seconds=round(p_wall, 2), undo_seconds=round(u_wall, 2), read_cpu_seconds=round(r_cpu, 2),
+               patch_cpu_seconds=round(p_cpu, 2), undo_cpu_seconds=round(u_cpu, 2))
+    if as_json:
+        print(json.dumps(row))
+    else:
+        print(f"{path}: {len(lora.layers)} layers, {held / 2**20:.0f} MiB of fp16 weights patched (held as originals); "
+              f"read {r_wall:.2f} s, patch {p_wall:.2f} s ({p_cpu:.2f} s CPU), undo {u_wall:.2f} s ({u_cpu:.2f} s CPU)")
     return 0
 
 

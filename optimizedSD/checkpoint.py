@@ -90,8 +90,11 @@ def load_fragments(path: str | Path, cfg: SDConfig, names=FRAGMENTS, dtype: torc
 
     `ema=True` takes the UNet weights from the checkpoint's `model_ema.*` copy. Raises
     CheckpointError, before any weight is assigned, for anything that does not fit `cfg`.
+    Checkpoints hold no adapters: the UNet is built without `cfg.unet.adapters`
+    (`adapters.load_adapter_folder` adds them).
     """
     path = Path(path)
+    cfg = cfg.with_adapters(None)
     names = tuple(names)
     with _open(path) as (shapes, read, mapped):
         family = detect_family(shapes)

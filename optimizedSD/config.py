@@ -17,6 +17,45 @@ class ConfigError(ValueError):
     """A config file or a config/checkpoint mismatch the user must fix."""
 
 
+# The adapters of Xiang et al. 2023, "A Closer Look at Parameter-Efficient Tuning in Diffusion Models"
+# (arXiv 2303.18181; code: Xiang-cd/unet-finetune). Positions along a transformer block's data path, in
+# order: its input (attn1i), the self-attention output (attn1o), the cross-attention input (attn2i),
+# its output (attn2o), the feed-forward input (ffni), its output (ffno), the block output (transo);
+# attn2c is the cross-attention context. A ResBlock's are its input (resi) and output (reso).
+ADAPTER_INPUTS = ("attn1i", "attn1o", "attn2i", "attn2o", "ffni", "ffno", "transo", "attn2c")
+ADAPTER_OUTPUTS = ("attn1i", "attn2i", "ffni", "transo", "attn2c")
+RESBLOCK_POSITIONS = ("resi", "reso")
+ADAPTER_METHODS = ("relu", "sig", "silu", "ident", "default")  # the activation; default = relu
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One `{type: inout, din, dout, mid_dim, method, scale}` entry of that project's `adapter_config`:
+    an adapter reads the hidden state at `din` and adds `scale` times its output at `dout`."""
+    din: str
+    dout: str
+    mid_dim: int
+    method: str = "default"
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """`unet_config.params.adapter_config`: one adapter in every BasicTransformerBlock
+    (`transformer_adp_config`) and/or one in every ResBlock (`resblock_adp_config`)."""
+    transformer: AdapterSpec | None = None
+    resblock: AdapterSpec | None = None
+
+    def with_scale(self, scale: float) -> "AdapterConfig":
+        """Every adapter at `scale` (--adapter_scale)."""
+        return AdapterConfig(*(None if s is None else replace(s, scale=float(scale))
+                               for s in (self.transformer, self.resblock)))
+
+    def describe(self) -> str:
+        return ", ".join(f"{s.din}->{s.dout} (mid {s.mid_dim}, {s.method}, scale {s.scale:g})"
+                         for s in (self.transformer, self.resblock) if s is not None)
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     in_channels: int = 4
@@ -29,6 +68,7 @@ class UNetConfig:
     num_head_channels: int = -1  # -1: heads fixed by num_heads; else heads = channels // this
     transformer_depth: int = 1
     context_dim: int = 768
+    adapters: AdapterConfig | None = None  # arXiv 2303.18181's adapters; weights from --adapter_path
 
 
 @dataclass(frozen=True)
@@ -105,7 +145,11 @@ class SDConfig:
         def section(name: str) -> dict:
             return ((params.get(name) or {}).get("params")) or {}
 
-        unet = _pick(UNetConfig, section("unet_config"))
+        unet_params = dict(section("unet_config"))
+        adapters = unet_params.pop("adapter_config", None)
+        unet = _pick(UNetConfig, unet_params)
+        if adapters:
+            unet = replace(unet, adapters=adapter_config(adapters, path))
         vae_params = dict(section("first_stage_config"))
         vae = _pick(VAEConfig, {**vae_params.get("ddconfig", {}), "embed_dim": vae_params.get("embed_dim", 4)})
         text = _pick(TextConfig, section("cond_stage_config").get("text_config", {}))
@@ -130,7 +174,8 @@ class SDConfig:
                 "num_heads": u.num_heads, "use_spatial_transformer": True,
                 "transformer_depth": u.transformer_depth, "context_dim": u.context_dim,
                 "use_checkpoint": True, "legacy": False,
-                **({"num_head_channels": u.num_head_channels} if u.num_head_channels != -1 else {})}},
+                **({"num_head_channels": u.num_head_channels} if u.num_head_channels != -1 else {}),
+                **({"adapter_config": _compvis_adapters(u.adapters)} if u.adapters else {})}},
             "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
                 "embed_dim": v.embed_dim, "ddconfig": {
                     "double_z": v.double_z, "z_channels": v.z_channels, "resolution": v.resolution,
@@ -149,6 +194,76 @@ class SDConfig:
 
     def with_text(self, **changes) -> "SDConfig":
         return replace(self, text=replace(self.text, **changes))
+
+    def with_adapters(self, adapters: AdapterConfig | None) -> "SDConfig":
+        """This config with `adapters` (None: the plain SD v1 UNet, which is what checkpoints hold)."""
+        return replace(self, unet=replace(self.unet, adapters=adapters))
+
+
+def adapter_config(raw: dict, source: str | Path = "config") -> AdapterConfig:
+    """Read that project's `adapter_config` mapping, checking what its code asserts and what its data
+    path can run: an adapter must add its output at or after the position it reads (else its output
+    does not exist yet), and the context adapter (attn2c) only feeds the context."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: adapter_config must be a mapping with transformer_adp_config and/or "
+                          f"resblock_adp_config")
+    unknown = set(raw) - {"transformer_adp_config", "resblock_adp_config"}
+    if unknown:
+        raise ConfigError(f"{source}: adapter_config has unknown entries {sorted(unknown)}; expected "
+                          f"transformer_adp_config and/or resblock_adp_config")
+    specs = {}
+    for key, inputs, outputs in (("transformer_adp_config", ADAPTER_INPUTS, ADAPTER_OUTPUTS),
+                                 ("resblock_adp_config", RESBLOCK_POSITIONS, RESBLOCK_POSITIONS)):
+        entries = raw.get(key)
+        if entries is None:
+            continue
+        entries = entries if isinstance(entries, list) else [entries]
+        if len(entries) != 1:
+            raise ConfigError(f"{source}: {key} lists {len(entries)} adapters; that project builds one per "
+                              f"block (it keeps only the last), so give exactly one")
+        specs[key] = _adapter_spec(entries[0], inputs, outputs, f"{source}: {key}")
+    if not specs:
+        raise ConfigError(f"{source}: adapter_config names no adapter")
+    return AdapterConfig(specs.get("transformer_adp_config"), specs.get("resblock_adp_config"))
+
+
+def _compvis_adapters(adapters: AdapterConfig) -> dict:
+    """`adapters` as that project's YAML writes them (`adapter_config` reads it back)."""
+    def entry(s: AdapterSpec) -> dict:
+        return {"type": "inout", "din": s.din, "dout": s.dout, "mid_dim": s.mid_dim, "method": s.method,
+                "scale": s.scale}
+    out = {}
+    if adapters.transformer:
+        out["transformer_adp_config"] = [entry(adapters.transformer)]
+    if adapters.resblock:
+        out["resblock_adp_config"] = entry(adapters.resblock)
+    return out
+
+
+def _adapter_spec(entry, inputs, outputs, where: str) -> AdapterSpec:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: each adapter is a mapping {{type: inout, din, dout, mid_dim, method, scale}}")
+    if entry.get("type", "inout") != "inout":
+        raise ConfigError(f"{where}: type {entry.get('type')!r} is not supported; inout is the only type")
+    din, dout, method = entry.get("din"), entry.get("dout"), entry.get("method", "default")
+    if din not in inputs:
+        raise ConfigError(f"{where}: din {din!r} must be one of {', '.join(inputs)}")
+    if dout not in outputs:
+        raise ConfigError(f"{where}: dout {dout!r} must be one of {', '.join(outputs)}")
+    if method not in ADAPTER_METHODS:
+        raise ConfigError(f"{where}: method {method!r} must be one of {', '.join(ADAPTER_METHODS)}")
+    if (din == "attn2c") != (dout == "attn2c"):
+        raise ConfigError(f"{where}: attn2c (the cross-attention context) pairs only with itself: "
+                          f"din attn2c, dout attn2c")
+    if din != "attn2c" and inputs.index(dout) < inputs.index(din):
+        raise ConfigError(f"{where}: dout {dout} comes before din {din} on the block's data path; the "
+                          f"adapter's output must go at or after the place it reads")
+    mid, scale = entry.get("mid_dim"), entry.get("scale", 1.0)
+    if isinstance(mid, bool) or not isinstance(mid, int) or mid < 1:
+        raise ConfigError(f"{where}: mid_dim must be a positive integer, got {mid!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise ConfigError(f"{where}: scale must be a number, got {scale!r}")
+    return AdapterSpec(din, dout, mid, method, float(scale))
 
 
 def _pick(kind, values: dict):

@@ -109,7 +109,8 @@ class SampleSettings:
 
 class Pipeline:
     def __init__(self, cfg: SDConfig, engine: Offloader, dtype: torch.dtype = torch.float32, unet_bs: int = 1,
-                 tile: bool = False, long_prompts: bool = False, precision: str = "autocast"):
+                 tile: bool = False, long_prompts: bool = False, precision: str = "autocast",
+                 tokenizer=None):
         self.cfg = cfg
         self.engine = engine
         self.device = engine.device
@@ -119,6 +120,7 @@ class Pipeline:
         self.unet_bs = max(1, int(unet_bs))
         self.tile = tile  # encode and decode in overlapping tiles (tiling.py), for large images on little memory
         self.long_prompts = long_prompts  # encode prompts whole in 75-token chunks, not cut at 75 (conditioning)
+        self.tokenizer = tokenizer  # None: the shared CLIP tokenizer; embeddings.TextualInversion gives one with its words
         self.redone_in_fp32 = 0  # images whose fp16 decode overflowed and was redone in fp32
         self.redone_in_upcast = 0  # UNet evaluations whose fp16 output overflowed and were redone in upcast
         self.unet_evaluations = 0  # passes of a batch through the UNet (`_unet`), redos included
@@ -154,7 +156,7 @@ class Pipeline:
         """
         parsed = [parse_weighted(p) for p in prompts]
         texts = sorted({text for parts in parsed for text, _ in parts})
-        tokenizer = get_tokenizer()
+        tokenizer = self.tokenizer or get_tokenizer()
         rows = tokenizer.chunks(texts) if self.long_prompts else tokenizer(texts)[:, None]  # (T, K, 77)
         tokens = rows.flatten(0, 1).to(self.device)  # (T * K, 77): one encoder row per chunk
         with self.engine.phase("text"), self.engine.use(TEXT_ENCODER) as encoder, self._compute(self.upcast):

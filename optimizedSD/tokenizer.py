@@ -13,6 +13,7 @@ SD v1 reference pipeline (CompVis ``FrozenCLIPEmbedder``, HF ``openai/clip-vit-l
 
 from __future__ import annotations
 
+import copy
 import functools
 import gzip
 import html
@@ -147,6 +148,8 @@ class ClipTokenizer:
             raise ValueError(f"{path} is not the CLIP BPE vocabulary (specials are not at {BOS}, {EOS})")
         # Cache BPE results per pre-token; each instance owns its cache.
         self._bpe = functools.lru_cache(maxsize=bpe_cache_size)(self._bpe_uncached)
+        self.words: dict[str, list[int]] = {}  # added words (textual inversion) -> their ids
+        self._words_pattern = None
 
     def __len__(self) -> int:
         return len(self.encoder)
@@ -162,10 +165,39 @@ class ClipTokenizer:
             word = _merge_pair(word, *best)
         return word
 
+    def with_words(self, words: dict[str, list[int]]) -> "ClipTokenizer":
+        """A tokenizer sharing this one's vocabulary that also reads each of ``words`` (textual inversion
+        embeddings: name -> the ids of its vectors, beyond the vocabulary). A word is found in the
+        cleaned (lower-cased) text where no letter or digit touches it on either side, longest first;
+        it becomes its ids. This tokenizer is left as it is."""
+        out = copy.copy(self)
+        out.words = {_clean(w): list(ids) for w, ids in words.items()}
+        names = sorted(out.words, key=len, reverse=True)
+        out._words_pattern = regex.compile(
+            r"(?<![\p{L}\p{N}])(?:" + "|".join(map(regex.escape, names)) + r")(?![\p{L}\p{N}])") if names else None
+        return out
+
+    def words_in(self, text: str) -> list[str]:
+        """The added words ``text`` uses, in order of first use."""
+        if self._words_pattern is None:
+            return []
+        return list(dict.fromkeys(self._words_pattern.findall(_clean(text))))
+
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, without BOS/EOS. Literal "<|endoftext|>" in the text maps to EOS."""
+        """Token ids of ``text``, without BOS/EOS. Literal "<|endoftext|>" in the text maps to EOS;
+        added words (``with_words``) map to their ids."""
+        text = _clean(text)
+        if self._words_pattern is None:
+            return self._encode_clean(text)
+        ids, start = [], 0
+        for match in self._words_pattern.finditer(text):
+            ids += self._encode_clean(text[start:match.start()]) + self.words[match.group(0)]
+            start = match.end()
+        return ids + self._encode_clean(text[start:])
+
+    def _encode_clean(self, text: str) -> list[int]:
         ids = []
-        for token in _TOKEN_PATTERN.findall(_clean(text)):
+        for token in _TOKEN_PATTERN.findall(text):
             if token in _SPECIALS:
                 ids.append(self.encoder[token])
                 continue
@@ -174,10 +206,21 @@ class ClipTokenizer:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        """Approximate inverse of ``encode`` (text comes back cleaned and lower-cased)."""
-        text = "".join(self.decoder[i] for i in ids)
-        raw = bytearray(self.byte_decoder[c] for c in text)
-        return raw.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+        """Approximate inverse of ``encode`` (text comes back cleaned and lower-cased); an added word's
+        ids come back as the word."""
+        added = {i: w for w, word_ids in self.words.items() for i in word_ids}
+        pieces, run = [], []
+        for i in list(ids) + [None]:
+            if i in self.decoder:
+                run.append(i)
+                continue
+            if run:
+                raw = bytearray(self.byte_decoder[c] for c in "".join(self.decoder[j] for j in run))
+                pieces.append(raw.decode("utf-8", errors="replace").replace("</w>", " ").strip())
+                run = []
+            if i is not None and (not pieces or pieces[-1] != added.get(i)):
+                pieces.append(added.get(i, f"<{i}>"))
+        return " ".join(p for p in pieces if p)
 
     def count_dropped(self, text: str, length: int = CONTEXT_LENGTH) -> int:
         """How many tokens of ``text`` do not fit in a row of ``length`` (BOS and EOS take 2)."""

@@ -97,11 +97,16 @@ class ResBlock(TimestepBlock):
                                         nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = (nn.Identity() if out_channels == channels
                                 else nn.Conv2d(channels, out_channels, 1))
+        self.adapter = None  # arXiv 2303.18181's ResBlock adapter (adapters.py), when the config has one
 
     def forward(self, x, emb):
+        at = None if self.adapter is None else self.adapter.tap()
+        if at is not None:
+            x = at("resi", x)
         h = self.in_layers(x)
         h = h + self.emb_layers(emb).type(h.dtype)[..., None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        out = self.skip_connection(x) + self.out_layers(h)
+        return out if at is None else at("reso", out)
 
 
 class CrossAttention(nn.Module):
@@ -151,11 +156,23 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.attn2 = CrossAttention(dim, heads, dim_head, context_dim)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.adapter_inout = None  # arXiv 2303.18181's adapter (adapters.py), when the config has one
 
     def forward(self, x, context):
-        x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
-        return self.ff(self.norm3(x)) + x
+        if self.adapter_inout is None:
+            x = self.attn1(self.norm1(x)) + x
+            x = self.attn2(self.norm2(x), context) + x
+            return self.ff(self.norm3(x)) + x
+        # The same data path with the adapter's positions named (Xiang-cd/unet-finetune
+        # BasicTransformerBlock._forward): it reads at one, adds at another; the rest pass through.
+        at = self.adapter_inout.tap()
+        x = at("attn1i", x)
+        out = at("attn1o", self.attn1(self.norm1(x)))
+        x = at("attn2i", out + x)
+        out = at("attn2o", self.attn2(self.norm2(x), at("attn2c", context)))
+        x = at("ffni", out + x)
+        out = at("ffno", self.ff(self.norm3(x)))
+        return at("transo", out + x)
 
 
 class SpatialTransformer(nn.Module):
@@ -188,6 +205,13 @@ def _heads(cfg: UNetConfig, ch: int) -> tuple[int, int]:
 def _transformer(cfg: UNetConfig, ch: int) -> SpatialTransformer:
     heads, dim_head = _heads(cfg, ch)
     return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim)
+
+
+def _attach_adapters(half: nn.Module, cfg: UNetConfig) -> None:
+    if cfg.adapters is not None:
+        from .adapters import attach_adapters
+
+        attach_adapters(half, cfg.adapters, cfg.context_dim)
 
 
 def _input_channels(cfg: UNetConfig) -> list[int]:
@@ -236,6 +260,7 @@ class UNetInput(nn.Module):
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, emb_dim, ch), _transformer(cfg, ch), ResBlock(ch, emb_dim, ch))
         self.model_channels = mc
+        _attach_adapters(self, cfg)
 
     def steps(self):
         """(child name, step(carry)) of every block, in the order they run."""
@@ -284,6 +309,7 @@ class UNetOutput(nn.Module):
                 blocks.append(TimestepEmbedSequential(*layers))
         self.output_blocks = nn.ModuleList(blocks)
         self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        _attach_adapters(self, cfg)
 
     def steps(self):
         """(child name, step(carry)) of every block, in the order they run."""

@@ -21,6 +21,15 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def random_model(tmp_path_factory):
+    """A tiny model whose every weight is random, as a real .ckpt (`reference.random_tiny_model`); its
+    state dict is shared: tests must not change it."""
+    from reference import random_tiny_model
+
+    return random_tiny_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def oracle():
     """OpenAI's own SimpleTokenizer (the openai-clip package), the tokenizer tests' oracle."""
     from reference import openai_simple_tokenizer

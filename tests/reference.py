@@ -151,6 +151,15 @@ def sd_v1_scheduler_config() -> dict:
                 timestep_spacing="leading")
 
 
+def ddim_scheduler():
+    """diffusers' DDIMScheduler configured as SD v1 (CompVis' DDIM)."""
+    from diffusers import DDIMScheduler
+
+    cfg = sd_v1_scheduler_config()
+    cfg.pop("skip_prk_steps")
+    return DDIMScheduler(**cfg)
+
+
 def write_yaml_config(cfg: SDConfig, path: Path) -> Path:
     """`cfg` as a CompVis-style YAML file, for `--config`."""
     cfg.save_yaml(path)
@@ -180,34 +189,46 @@ def random_tiny_model(tmp_path_factory, cfg: SDConfig | None = None):
 
 
 def our_images(model, seeds, height, width, sampler, steps=10, scale=7.5, mode="default", unet_bs=1,
-               negative=NEGATIVE, karras=False) -> np.ndarray:
-    """Our Pipeline's 8-bit images (B, H, W, 3) as int16, image i seeded `seeds[i]`."""
+               negative=NEGATIVE, karras=False, prompt=PROMPT, prepare=None) -> np.ndarray:
+    """Our Pipeline's 8-bit images (B, H, W, 3) as int16, image i seeded `seeds[i]`. `prepare(fragments)`
+    changes the loaded fragments before the pipeline is built and may return extra Pipeline arguments."""
     from optimizedSD.checkpoint import load_fragments
-    from optimizedSD.images import to_pil
     from optimizedSD.offload import Offloader
-    from optimizedSD.pipeline import Pipeline, SampleSettings
+    from optimizedSD.pipeline import Pipeline
 
     cfg, path, _, _ = model
     fragments = load_fragments(path, cfg)
-    pipe = Pipeline(cfg, Offloader(fragments, torch.device("cpu"), mode=mode), unet_bs=unet_bs)
-    settings = SampleSettings(sampler, steps, scale, karras=karras)
-    x = pipe.txt2img(PROMPT, negative, seeds, height, width, settings)
+    extra = (prepare(fragments) if prepare else None) or {}
+    pipe = Pipeline(cfg, Offloader(fragments, torch.device("cpu"), mode=mode), unet_bs=unet_bs, **extra)
+    return pipeline_images(pipe, seeds, height, width, sampler, steps, scale, negative, karras, prompt)
+
+
+def pipeline_images(pipe, seeds, height, width, sampler, steps=10, scale=7.5, negative=NEGATIVE, karras=False,
+                    prompt=PROMPT) -> np.ndarray:
+    """8-bit images (B, H, W, 3) as int16 of an already built Pipeline of ours."""
+    from optimizedSD.images import to_pil
+    from optimizedSD.pipeline import SampleSettings
+
+    x = pipe.txt2img(prompt, negative, seeds, height, width, SampleSettings(sampler, steps, scale, karras=karras))
     return np.stack([np.asarray(im) for im in to_pil(x)]).astype(np.int16)
 
 
 def diffusers_images(model, seed, height, width, scheduler, steps=10, scale=7.5, negative=NEGATIVE,
-                     latent_scale=1.0, **call_kwargs) -> np.ndarray:
+                     latent_scale=1.0, prompt=PROMPT, prepare=None, **call_kwargs) -> np.ndarray:
     """diffusers' 8-bit image (1, H, W, 3) as int16 from the noise our Pipeline gives seed `seed`:
     latents are the first draw of `torch.Generator("cpu").manual_seed(seed)` (times `latent_scale`),
     and the same generator goes to the pipeline, so a scheduler that adds noise in its steps draws
-    what our per-image noise_sampler draws next."""
+    what our per-image noise_sampler draws next. `prepare(pipe)` changes the pipeline first (loads a
+    LoRA, an embedding, a VAE...)."""
     cfg, _, state, workdir = model
     pipe = sd_pipeline(cfg, state, scheduler, workdir)
+    if prepare:
+        prepare(pipe)
     f = cfg.downsample_factor
     generator = torch.Generator("cpu").manual_seed(seed)
     latents = torch.randn((1, cfg.channels, height // f, width // f), generator=generator) * latent_scale
     with torch.no_grad():
-        out = pipe(PROMPT, negative_prompt=negative, height=height, width=width, num_inference_steps=steps,
+        out = pipe(prompt, negative_prompt=negative, height=height, width=width, num_inference_steps=steps,
                    guidance_scale=scale, latents=latents, generator=generator, output_type="np",
                    **call_kwargs).images
     return (out * 255).round().astype(np.int16)
