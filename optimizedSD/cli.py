@@ -113,6 +113,7 @@ def build_parser(kind: str = "txt2img") -> argparse.ArgumentParser:
     a("--config", type=str, default=None,
       help="CompVis-style model YAML (e.g. configs/v1-inference.yaml); default: SD v1's built-in config")
     a("--ema", action="store_true", help="use the EMA weights of a full (non-pruned) checkpoint")
+    add_custom_flags(a)
     a("--demo", action="store_true",
       help=f"use the bundled demo model ({DEMO_CKPT}, {DEMO_CONFIG}): a tiny model trained on coloured shapes, "
            "e.g. 'a red circle on a blue background, top left'; draws 64x64 images in seconds on a CPU")
@@ -162,6 +163,32 @@ def check_model_flags(args, cfg: SDConfig) -> None:
         raise UsageError(f"--C {args.C} does not match the model's {cfg.channels} latent channels")
 
 
+def add_custom_flags(a, lora_files: bool = True) -> None:
+    """The flags of what is added to the checkpoint at inference (`customize.py`): the CLIs' and the
+    web UI's (`lora_files`: --lora too; the UI picks LoRAs per request)."""
+    if lora_files:
+        a("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+          help="apply a LoRA file (kohya/webui or diffusers/PEFT; weight default 1); repeatable. A prompt can also name "
+               "LoRAs as the webui does: <lora:NAME:WEIGHT>, NAME looked up in --lora_dir")
+    a("--lora_dir", action="append", default=None, metavar="DIR",
+      help="where <lora:NAME> is looked for (repeatable; default: models/Lora, then weights/lora)")
+    a("--embeddings", default=None, metavar="DIR",
+      help="textual-inversion embeddings (webui .pt/.safetensors, diffusers .bin): each file's name is a word "
+           "prompts can use; default: embeddings/ when it exists")
+    a("--vae", default=None, metavar="PATH",
+      help="a separate VAE (.ckpt/.safetensors, e.g. vae-ft-mse-840000-ema-pruned), replacing the checkpoint's")
+    a("--adapter_path", default=None, metavar="DIR",
+      help="the adapters (arXiv 2303.18181) of the --config YAML that names them: the folder save_adapter_to_dir "
+           "wrote")
+    a("--adapter_scale", type=float, default=None, help="scale of the adapters' output (default: the config's)")
+
+
+def custom_args(args) -> dict:
+    """`resolve_model`'s arguments for what is added to the checkpoint (`customize.py`)."""
+    return dict(vae=args.vae, adapter_path=args.adapter_path, adapter_scale=args.adapter_scale,
+                embeddings=args.embeddings, lora_dirs=args.lora_dir)
+
+
 def memory_mode(args) -> str:
     return "turbo" if args.turbo else "lowvram" if args.lowvram else args.vram or "default"
 
@@ -170,6 +197,9 @@ def requests_of(args, spec, log) -> list[Request]:
     """One completed request per prompt; the seeds run on from one prompt to the next."""
     seed = args.seed if args.seed is not None else random.randrange(2 ** 32)
     per_prompt = args.n_iter * args.n_samples
+    from .lora import parse_lora_arg
+
+    loras = tuple((str(path.absolute()), weight) for path, weight in map(parse_lora_arg, args.lora))
     out = []
     for k, prompt in enumerate(read_prompts(args)):
         where = f"{args.from_file} line {k + 1}" if args.from_file else None
@@ -181,7 +211,7 @@ def requests_of(args, spec, log) -> list[Request]:
                     init_image=out[0].init_image if out else getattr(args, "init_img", None),
                     mask=out[0].mask if out else getattr(args, "mask", None),
                     init_image_name=out[0].init_image_name if out else None,
-                    mask_name=out[0].mask_name if out else None)
+                    mask_name=out[0].mask_name if out else None, loras=loras)
         try:
             out.append(spec.complete(r, CLI_LABELS, log))
         except RequestError as e:
@@ -217,7 +247,7 @@ def generate(args) -> dict:
         return generate_on_ray(args, log)
     check_flags(args)
     spec = resolve_model(args.ckpt, args.config, demo=args.demo, device=args.device, precision=args.precision,
-                         ema=args.ema, notify=log)
+                         ema=args.ema, notify=log, **custom_args(args))
     check_model_flags(args, spec.cfg)
     requests = requests_of(args, spec, log)
     first = requests[0]
@@ -234,7 +264,7 @@ def generate(args) -> dict:
     for r in requests:
         writer = None
         if not spec.planning:
-            writer = RequestWriter(args.outdir, r, metadata(r, spec.ckpt, engine.checkpoint_hash), fmt=args.format,
+            writer = RequestWriter(args.outdir, r, metadata(r, spec, engine.checkpoint_hash), fmt=args.format,
                                    skip_save=args.skip_save, skip_grid=args.skip_grid, n_rows=args.n_rows)
         with tqdm(total=None, desc=f"sampling seeds {r.seeds[0]}-{r.seeds[-1]}", leave=False,
                   disable=spec.planning) as bar:

@@ -142,7 +142,7 @@ class Prepared:
 def prepare(args, log) -> Prepared:
     """Everything a single-process run checks before its first image, for a --ray run (`args`: the
     parsed flags); every error is a `RequestError`."""
-    from .cli import UsageError, check_flags, check_model_flags, check_outdir, requests_of
+    from .cli import UsageError, check_flags, check_model_flags, check_outdir, custom_args, requests_of
     from .engine import Engine
     from .images import ensure_writable, file_hash
     from .manifest import settings_key
@@ -156,7 +156,8 @@ def prepare(args, log) -> Prepared:
                          "(or --device cpu); --device meta plans a run in this process")
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {args.workers}")
-    spec = resolve_model(args.ckpt, args.config, demo=args.demo, device="cpu", precision=args.precision, ema=args.ema)
+    spec = resolve_model(args.ckpt, args.config, demo=args.demo, device="cpu", precision=args.precision, ema=args.ema,
+                         **custom_args(args))
     check_model_flags(args, spec.cfg)
     requests = requests_of(args, spec, log)
     check_outdir(args.outdir)
@@ -166,7 +167,7 @@ def prepare(args, log) -> Prepared:
         planner.plan(r)  # a --vram budget too small for the size: an error before any worker starts
     ensure_writable(args.outdir)
     checkpoint_hash = file_hash(spec.ckpt)
-    metas = [metadata(r, spec.ckpt, checkpoint_hash) for r in requests]
+    metas = [metadata(r, spec, checkpoint_hash) for r in requests]
     keys = [settings_key(r, m, spec.cfg, args.precision, args.ema, args.format) for r, m in zip(requests, metas)]
     return Prepared(spec, requests, metas, keys, checkpoint_hash)
 
@@ -188,6 +189,7 @@ def generate(args, log) -> dict:
     run = prepare(args, log)
     requests, spec = run.requests, run.spec
     model = dict(ckpt=str(spec.ckpt.resolve()), precision=args.precision, ema=args.ema, demo=args.demo,
+                 adapter_scale=args.adapter_scale, **spec.custom.arguments(),
                  config=str(Path(args.config).resolve()) if args.config else str(ROOT / DEMO_CONFIG) if args.demo else None)
     say = lambda m: tqdm.write(m, file=sys.stderr if args.json else sys.stdout)  # noqa: E731 (above the bar)
     with Manifest.open(args.outdir) as manifest:

@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 import torch
 from PIL import Image
 
+from .customize import prompt_text, request_loras
 from .model import ModelSpec
 from .request import CLI_LABELS, Request, RequestError, check_memory
 
@@ -120,6 +121,9 @@ class Engine:
         self._plans: dict[tuple, object] = {}
         self._engine = None  # the Offloader of the current plan
         self._placement = None  # its (mode, resident)
+        self.tokenizer = None  # reads the embeddings' names (None: none, the shared CLIP tokenizer)
+        self._patch = None  # lora.LoraPatch of the LoRAs applied now
+        self._lora_key: list = []  # [(id of Lora, weight)] applied now
 
     def load(self) -> "Engine":
         """Read the checkpoint into the fragments' host masters, once (nothing on `meta`)."""
@@ -130,13 +134,54 @@ class Engine:
         if self.fragments is not None or self.spec.planning:
             return self
         try:
-            self.fragments = load_fragments(self.spec.ckpt, self.cfg, names=FRAGMENTS, dtype=self.spec.dtype,
-                                            ema=self.spec.ema)
+            fragments = load_fragments(self.spec.ckpt, self.cfg, names=FRAGMENTS, dtype=self.spec.dtype,
+                                       ema=self.spec.ema)
+            self.tokenizer = self._customize(fragments)
         except CheckpointError as e:
             raise RequestError(str(e)) from None
+        self.fragments = fragments
         self.loads += 1
         self.checkpoint_hash = file_hash(self.spec.ckpt)
         return self
+
+    def _customize(self, fragments):
+        """The model's customizations on freshly loaded fragments: a separate VAE, the adapters, the
+        embeddings (a tokenizer that reads their names, returned; None without any)."""
+        from .adapters import AdapterError, load_adapter_folder
+        from .embeddings import TextualInversion
+        from .fragments import TEXT_ENCODER, VAE
+        from .tokenizer import get_tokenizer
+        from .vae_file import load_vae
+
+        custom = self.spec.custom
+        if custom.vae is not None:
+            fragments[VAE] = load_vae(custom.vae, self.cfg, self.spec.dtype)
+        if custom.adapter_path is not None:
+            try:
+                load_adapter_folder(fragments, self.cfg, custom.adapter_path, self.spec.dtype)
+            except AdapterError as e:
+                raise RequestError(str(e)) from None
+        if custom.embeddings:
+            return TextualInversion(fragments[TEXT_ENCODER], get_tokenizer(), list(custom.embeddings)).tokenizer
+        return None
+
+    def _use_loras(self, loras: list) -> None:
+        """Patch the host masters with `loras` [(Lora, weight)], undoing the last request's first; the
+        same set as the last request's is kept as it is."""
+        from .lora import apply_loras
+
+        key = [(id(lora), w) for lora, w in loras]
+        if key == self._lora_key:
+            return
+        if self._engine is not None:
+            self._engine.close()  # every weight its host master
+        if self._patch is not None:
+            self._patch.undo()
+            self._patch = None
+        self._lora_key = []
+        if loras:
+            self._patch = apply_loras(self.fragments, loras)
+            self._lora_key = key
 
     # ---- requests and plans --------------------------------------------------------------------
     def complete(self, request: Request, labels: dict = CLI_LABELS, notify: Callable[[str], None] | None = None) -> Request:
@@ -177,10 +222,19 @@ class Engine:
         if placement != self._placement:
             if self._engine is not None:
                 self._engine.close()
+            # an Offloader may replace host masters (pinned copies): LoRA patches are undone around it
+            patch = self._patch
+            patch_loras = patch.loras if patch is not None else []
+            if patch is not None:
+                patch.undo()
             self._engine = Offloader(self.fragments, self.device, plan.mode, plan.resident, meter=meter_for(self.device))
             self._placement = placement
+            if patch is not None:
+                from .lora import apply_loras
+
+                self._patch = apply_loras(self.fragments, patch_loras)
         return Pipeline(self.cfg, self._engine, dtype=self.spec.dtype, unet_bs=plan.unet_bs, tile=plan.tile,
-                        precision=self.spec.precision)
+                        precision=self.spec.precision, tokenizer=self.tokenizer)
 
     # ---- rendering -----------------------------------------------------------------------------
     def render(self, request: Request, on_step: Callable[[int, int], None] | None = None,
@@ -211,6 +265,7 @@ class Engine:
         from .inputs import image_tensor, mask_tensor, paste_back
         from .pipeline import SampleSettings
 
+        self._use_loras(request_loras(r, self.cfg, self.spec.custom.lora_dirs))
         pipe = self._pipeline(plan)
         pipe.long_prompts = r.long_prompts
         engine = self._engine
@@ -278,13 +333,14 @@ class Engine:
 
     @staticmethod
     def _latents(pipe, r: Request, seeds, settings, image, mask, fixed, step):
+        prompt = prompt_text(r.prompt)
         if r.kind == "txt2img":
-            return pipe.txt2img_latents(r.prompt, r.negative_prompt, seeds, r.height, r.width, settings,
+            return pipe.txt2img_latents(prompt, r.negative_prompt, seeds, r.height, r.width, settings,
                                         fixed_noise=fixed, callback=step)
         if r.kind == "img2img":
-            return pipe.img2img_latents(r.prompt, r.negative_prompt, seeds, image, settings, r.strength,
+            return pipe.img2img_latents(prompt, r.negative_prompt, seeds, image, settings, r.strength,
                                         fixed_noise=fixed, callback=step)
-        return pipe.inpaint_latents(r.prompt, r.negative_prompt, seeds, image, mask, settings, r.strength,
+        return pipe.inpaint_latents(prompt, r.negative_prompt, seeds, image, mask, settings, r.strength,
                                     fixed_noise=fixed, callback=step)
 
     def _plan_only(self, r: Request, plan, stats: RunStats) -> None:

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from .config import ConfigError, SDConfig
+from .customize import Customizations, request_loras, resolve_customizations
 from .request import CLI_LABELS, Request, RequestError, complete
 
 ROOT = Path(__file__).resolve().parent.parent  # the repo, or the CompVis checkout we were dropped into
@@ -31,6 +32,7 @@ class ModelSpec:
     dtype: torch.dtype
     ema: bool = False
     demo: bool = False
+    custom: Customizations = Customizations()  # VAE, adapters, embeddings, LoRA folders (customize.py)
 
     @property
     def planning(self) -> bool:
@@ -53,14 +55,18 @@ class ModelSpec:
             from .pipeline import default_unet_bs
 
             request = replace(request, unet_bs=default_unet_bs(self.device))
-        return complete(request, self.cfg, demo=self.demo, labels=labels, notify=notify)
+        request = complete(request, self.cfg, demo=self.demo, labels=labels, notify=notify)
+        request_loras(request, self.cfg, self.custom.lora_dirs)  # every LoRA found, read and checked
+        return request
 
 
 def resolve_model(ckpt: str | Path | None = None, config: str | Path | None = None, *, demo: bool = False,
                   device: str | None = None, precision: str | None = None, ema: bool = False,
-                  notify: Callable[[str], None] = lambda message: None) -> ModelSpec:
+                  notify: Callable[[str], None] = lambda message: None, vae=None, adapter_path=None,
+                  adapter_scale=None, embeddings=None, lora_dirs=None) -> ModelSpec:
     """The model to load, found and checked (see the module docstring); nothing is loaded. Without a
-    `precision`, the device's (`pipeline.default_precision`: upcast on GTX 16xx cards, said to `notify`)."""
+    `precision`, the device's (`pipeline.default_precision`: upcast on GTX 16xx cards, said to `notify`).
+    `vae`, `adapter_path`, `adapter_scale`, `embeddings`, `lora_dirs`: `customize.resolve_customizations`."""
     from .pipeline import PRECISIONS, default_precision, native_bf16, weight_dtype
 
     if demo:
@@ -93,7 +99,9 @@ def resolve_model(ckpt: str | Path | None = None, config: str | Path | None = No
         get_tokenizer()  # a missing CLIP vocabulary is an install problem, found before any output
     except VocabNotFoundError as e:
         raise RequestError(str(e)) from None
-    return ModelSpec(path, cfg, device, precision, weight_dtype(device, precision), ema, demo)
+    cfg, custom = resolve_customizations(cfg, vae=vae, adapter_path=adapter_path, adapter_scale=adapter_scale,
+                                         embeddings=embeddings, lora_dirs=lora_dirs)
+    return ModelSpec(path, cfg, device, precision, weight_dtype(device, precision), ema, demo, custom)
 
 
 def _demo_file(path: Path) -> str:

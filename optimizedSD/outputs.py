@@ -14,8 +14,12 @@ from .images import ImageWriter
 from .request import Request
 
 
-def metadata(r: Request, checkpoint: str | Path | None, checkpoint_hash: str | None) -> dict:
-    """What a completed request's images record besides prompt, seed and size (the writer's)."""
+def metadata(r: Request, spec, checkpoint_hash: str | None) -> dict:
+    """What a completed request's images record besides prompt, seed and size (the writer's), made with
+    the model of `spec` (`model.ModelSpec`): its LoRAs, embeddings, VAE and adapters too."""
+    from .customize import custom_metadata
+
+    checkpoint = spec.ckpt
     meta = dict(negative_prompt=r.negative_prompt, steps=r.steps, sampler=r.sampler_name(), scale=r.scale,
                 checkpoint=Path(checkpoint).name if checkpoint else None, checkpoint_hash=checkpoint_hash)
     if r.long_prompts:
@@ -24,6 +28,7 @@ def metadata(r: Request, checkpoint: str | Path | None, checkpoint_hash: str | N
         meta.update(init_image=r.init_image_name, strength=r.strength)
     if r.kind == "inpaint":
         meta.update(mask=r.mask_name)
+    meta.update(custom_metadata(spec.custom, spec.cfg, r))
     return {k: v for k, v in meta.items() if v is not None}
 
 

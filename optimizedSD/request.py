@@ -77,6 +77,7 @@ class Request:
     unet_bs: int | None = None  # None: the device's (`ModelSpec.complete`)
     init_image_name: str | None = None  # for the metadata; `complete` takes it from a path
     mask_name: str | None = None
+    loras: tuple[tuple[str, float], ...] = ()  # (LoRA file, weight), besides the prompt's <lora:NAME:WEIGHT> tags
 
     @property
     def seeds(self) -> list[int]:
@@ -98,6 +99,8 @@ def with_defaults(r: Request, demo: bool = False) -> Request:
         changes["sampler"] = "ddim" if demo else "plms"  # plms, as CompVis
     if r.scale is None:
         changes["scale"] = DEMO_SCALE if demo else 7.5
+    if r.unet_bs is None:  # the device's default is set before this (`ModelSpec.complete`); else 1
+        changes["unet_bs"] = 1
     if r.kind == "txt2img":
         size = DEMO_SIZE if demo else 512
         changes.update(width=size if r.width is None else r.width, height=size if r.height is None else r.height)
@@ -172,8 +175,15 @@ def check_prompt(prompt: str, label: str, empty_ok: bool = False) -> None:
 
     if not isinstance(prompt, str):
         raise RequestError(f"{label} must be text, got {type(prompt).__name__}")
-    if not empty_ok and not prompt.strip():
-        raise RequestError(f"{label} is empty; write what to draw")
+    if not empty_ok:  # a prompt (not a negative one) may name LoRAs: <lora:NAME:WEIGHT>, not drawn
+        from .lora import LoraError, extract_lora_tags
+
+        try:
+            prompt = extract_lora_tags(prompt)[0]
+        except LoraError as e:
+            raise RequestError(f"{label}: {e}") from None
+        if not prompt.strip():
+            raise RequestError(f"{label} is empty; write what to draw")
     try:
         parse_weighted(prompt)
     except ValueError as e:

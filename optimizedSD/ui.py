@@ -17,6 +17,7 @@ import gradio as gr
 import torch
 from PIL import Image
 
+from .customize import lora_names, with_tag
 from .engine import Cancelled, Engine, RunStats, memory_line
 from .images import OutputError, ensure_writable
 from .infotext import WEBUI_SAMPLERS, parse, read_parameters, request_fields
@@ -46,6 +47,8 @@ class Controls:
     n_iter: gr.Number
     n_samples: gr.Number
     memory: gr.Dropdown
+    lora: gr.Dropdown = None  # picks a LoRA: its <lora:NAME:1> tag is added to the prompt
+    embedding: gr.Dropdown = None  # picks an embedding: its name is added to the prompt
     strength: gr.Slider | None = None
     image: gr.Image | gr.ImageMask | None = None
     mask: gr.Image | None = None
@@ -98,7 +101,7 @@ class Studio:
             outdir = ensure_writable(self.outdirs[c.kind])
         except (RequestError, OutputError) as e:
             raise gr.Error(str(e), print_exception=False) from None
-        writer = RequestWriter(outdir, r, metadata(r, self.engine.spec.ckpt, self.engine.checkpoint_hash))
+        writer = RequestWriter(outdir, r, metadata(r, self.engine.spec, self.engine.checkpoint_hash))
         stats, saved, interrupted = RunStats(), [], False  # saved: (path, seed) of each image written
         try:
             for batch in self.engine.render(r, on_step=lambda done, total: progress((done, total), desc="sampling"),
@@ -173,11 +176,17 @@ def widgets(c: Controls) -> list:
     return [widget for _, widget in c.fillable()]
 
 
-def controls(kind: str, defaults: Request, memory: str) -> Controls:
+def controls(kind: str, defaults: Request, memory: str, loras: list[str] = (), embeddings: list[str] = (),
+             lora_where: str = "") -> Controls:
     """A tab's labelled widgets, at the model's defaults (`request.with_defaults`)."""
     size_info = None if kind == "txt2img" else "0: the image's, rounded down to a multiple of 8"
     prompt = gr.Textbox(label=L["prompt"], lines=2, placeholder="what to draw")
     negative = gr.Textbox(label=L["negative_prompt"], lines=1, placeholder="what to steer away from")
+    with gr.Row():
+        lora = gr.Dropdown(loras, value=None, label="Add LoRA", info="adds <lora:NAME:1> to the prompt (edit the weight "
+                           "there)" if loras else "none found: put LoRA files in " + lora_where)
+        embedding = gr.Dropdown(embeddings, value=None, label="Add embedding", info="adds its name to the prompt"
+                                if embeddings else "none found: start the server with --embeddings DIR")
     image = mask = strength = None
     if kind == "img2img":
         image = gr.Image(label=L["init_image"], type="filepath", image_mode=None, format="png",
@@ -208,7 +217,7 @@ def controls(kind: str, defaults: Request, memory: str) -> Controls:
     memory_box = gr.Dropdown(list(MEMORY_MODES), value=memory, label=L["memory"], allow_custom_value=True,
                              info="or a device-memory budget such as 2G or 1536M")
     return Controls(kind, prompt, negative, sampler, karras, steps, scale, width, height, seed, n_iter, n_samples,
-                    memory_box, strength, image, mask)
+                    memory_box, lora, embedding, strength, image, mask)
 
 
 def results(c: Controls) -> None:
@@ -236,7 +245,9 @@ def build(studio: Studio) -> gr.Blocks:
             for kind in ("txt2img", "img2img", "inpaint"):
                 with gr.Tab(TABS[kind], id=kind), gr.Row():
                     with gr.Column():
-                        c = controls(kind, with_defaults(Request("", kind=kind), spec.demo), studio.memory)
+                        c = controls(kind, with_defaults(Request("", kind=kind), spec.demo), studio.memory,
+                                     lora_names(spec.custom.lora_dirs), [e.name for e in spec.custom.embeddings],
+                                     " or ".join(str(d) for d in spec.custom.lora_dirs[:2]))
                     with gr.Column():
                         results(c)
                     tabs[kind] = c
@@ -296,6 +307,10 @@ def wire(studio: Studio, c: Controls, tabs: dict[str, Controls], tab_set: gr.Tab
         run, inputs, [c.gallery, c.saved, c.status, c.selected, c.parameters], concurrency_limit=1,
         concurrency_id=RENDER, show_progress_on=[c.gallery])
     c.interrupt.click(interrupt, None, None, queue=False)
+    c.lora.input(lambda prompt, name: (with_tag(prompt, f"<lora:{name}:1>") if name else prompt, None),
+                 [c.prompt, c.lora], [c.prompt, c.lora], queue=False)
+    c.embedding.input(lambda prompt, name: (with_tag(prompt, name) if name else prompt, None),
+                      [c.prompt, c.embedding], [c.prompt, c.embedding], queue=False)
 
     def select(saved, evt: gr.SelectData):
         return evt.index, image_parameters(saved[evt.index]) if evt.index < len(saved) else ""

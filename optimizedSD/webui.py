@@ -17,7 +17,7 @@ if __name__ == "__main__":  # run as a script: import this folder as the package
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from optimizedSD.cli import KINDS, Parser, UsageError, check_outdir, memory_mode  # noqa: E402
+from optimizedSD.cli import KINDS, Parser, UsageError, add_custom_flags, check_outdir, custom_args, memory_mode  # noqa: E402
 from optimizedSD.images import OutputError  # noqa: E402
 from optimizedSD.model import COMPVIS_CKPT, DEMO_CKPT, resolve_model  # noqa: E402
 from optimizedSD.request import check_memory  # noqa: E402
@@ -40,6 +40,7 @@ def build_parser() -> Parser:
     modes.add_argument("--turbo", action="store_true", help="default Memory mode: turbo (faster, more device memory)")
     modes.add_argument("--vram", type=str, default=None, metavar="SIZE",
                        help="default Memory mode: a device-memory budget such as 2G or 1536M")
+    add_custom_flags(a, lora_files=False)
     a("--outdir", type=str, default=None,
       help="images go to OUTDIR/<prompt>/seed_<seed>_<NNNNN>.png as the CLI writes them (default: the CLI's "
            "folder per kind: " + ", ".join(KINDS[k][2] for k in KINDS) + ")")
@@ -89,7 +90,7 @@ def serve(args) -> None:
     outdirs = {kind: args.outdir or KINDS[kind][2] for kind in KINDS}
     for outdir in set(outdirs.values()):
         check_outdir(outdir)
-    spec = resolve_model(args.ckpt, args.config, demo=args.demo, device=args.device)
+    spec = resolve_model(args.ckpt, args.config, demo=args.demo, device=args.device, **custom_args(args))
     if spec.planning:
         raise UsageError("--device meta plans without drawing; the web UI needs cuda, mps or cpu")
     engine = Engine(spec, notify=lambda message: print(message, file=sys.stderr, flush=True))
