@@ -170,8 +170,17 @@ def test_on_the_cpu_nothing_is_copied(mode, n_resident):
         ran.append(name)
         assert {k: v.data_ptr() for k, v in module.state_dict().items()} == masters[name], name
 
+    units = dict(unet_units(fragments))  # the UNet runs block by block, not through its halves' forward
+    blocks = {u: {k: v.data_ptr() for k, v in m.state_dict().items()} for u, m in units.items()}
+
+    def same_block(unit, module):
+        ran.append(unit)
+        assert {k: v.data_ptr() for k, v in module.state_dict().items()} == blocks[unit], unit
+
     for name, module in fragments.items():
         module.register_forward_pre_hook(lambda mod, args, name=name: same_storage(name, mod))
+    for unit, module in units.items():
+        module.register_forward_pre_hook(lambda mod, args, unit=unit: same_block(unit, mod))
     fragments[VAE].decoder.register_forward_pre_hook(lambda mod, args: same_storage(VAE, fragments[VAE]))
     Pipeline(cfg, engine).txt2img("a fox", "", [1], 64, 64, SampleSettings("ddim", 2, 7.5))
-    assert set(ran) == set(FRAGMENTS) and engine.bytes_moved == 0
+    assert set(ran) == {TEXT_ENCODER, VAE, *units} and engine.bytes_moved == 0
