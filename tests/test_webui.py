@@ -34,6 +34,9 @@ SCREENSHOTS = ROOT / "docs" if os.environ.get("WEBUI_SCREENSHOTS") else None
 STEPS = 8
 PROMPT = "a red circle on a blue background, top left"
 I2I = dict(prompt="a green square on a yellow background, bottom right", seed=7, strength=0.5)
+# typed, then a LoRA and an embedding picked: the prompt the CLI is given
+CUSTOM = dict(typed="a green circle on a red background", seed=9,
+              prompt="a green circle on a red background <lora:inkwash:1> glossy-style")
 RUN_TIMEOUT = 120_000  # ms a render may take on a loaded CPU
 
 try:
@@ -82,6 +85,27 @@ def picture(path: Path) -> Path:
     return path
 
 
+def customizations(tmp: Path) -> tuple[Path, Path]:
+    """(a LoRA folder with a kohya LoRA for the demo model, an embeddings folder with a webui .pt):
+    random weights of visible effect."""
+    import torch
+    from lora_files import TEXT_TARGETS, UNET_TARGETS, kohya_state, lora_tensors, write_kohya
+    from safetensors.torch import load_file
+
+    from optimizedSD.config import SDConfig
+
+    cfg = SDConfig.from_yaml(ROOT / "configs" / "demo.yaml")
+    state = load_file(str(ROOT / "weights" / "demo.safetensors"))
+    unet, text, _, _ = lora_tensors((cfg, None, state, None), 4, UNET_TARGETS, TEXT_TARGETS, rank=2, alpha=2)
+    (tmp / "loras").mkdir()
+    write_kohya(tmp / "loras" / "inkwash.safetensors", kohya_state(unet, text, alpha=2))
+    (tmp / "embeddings").mkdir()
+    vectors = torch.randn(2, cfg.text.hidden_size, generator=torch.Generator().manual_seed(3)) * 0.5
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": "glossy-style"},
+               tmp / "embeddings" / "glossy-style.pt")
+    return tmp / "loras", tmp / "embeddings"
+
+
 def cli(kind: str, outdir: Path, *args) -> subprocess.Popen:
     script = ROOT / "optimizedSD" / f"optimized_{kind}.py"
     return subprocess.Popen([sys.executable, str(script), "--demo", "--device", "cpu", "--ddim_steps", str(STEPS),
@@ -109,12 +133,15 @@ def server(tmp_path_factory):
     ckpt = shutil.copy(ROOT / "weights" / "demo.safetensors", weights / "demo.safetensors")
     counter = OpenCounter(ckpt)
     init = picture(tmp / "in.png")
+    loras, embeddings = customizations(tmp)
+    custom = ["--lora_dir", loras, "--embeddings", embeddings]
     runs = {"txt2img": cli("txt2img", tmp / "cli", "--prompt", PROMPT, "--seed", 5),
             "img2img": cli("img2img", tmp / "cli", "--prompt", I2I["prompt"], "--seed", I2I["seed"],
-                           "--init-img", init, "--strength", I2I["strength"])}
+                           "--init-img", init, "--strength", I2I["strength"]),
+            "custom": cli("txt2img", tmp / "cli", "--prompt", CUSTOM["prompt"], "--seed", CUSTOM["seed"], *custom)}
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(ROOT / "optimizedSD" / "webui.py"), "--demo", "--device", "cpu",
-                             "--ckpt", str(ckpt), "--port", str(port), "--outdir", str(tmp / "ui")],
+                             "--ckpt", str(ckpt), "--port", str(port), "--outdir", str(tmp / "ui"), *map(str, custom)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**env(), "GRADIO_TEMP_DIR": str(tmp / "gradio")})
     lines: queue.Queue = queue.Queue()
@@ -262,6 +289,31 @@ def test_img2img_upload_gives_the_clis_image(browser, server):
     assert np.array_equal(shown(page, panel, f"seed {I2I['seed']}"), pixels(ref / name))
     assert Image.open(ui / name).text == Image.open(ref / name).text  # init_image: in.png, strength 0.5, ...
     screenshot(page, "img2img")
+    page.context.close()
+
+
+def pick(page, panel, label: str, option: str) -> None:
+    panel.get_by_label(label, exact=True).click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def test_lora_and_embedding_pickers_give_the_clis_image(browser, server):
+    """Picking a LoRA and an embedding adds them to the prompt; the image and its metadata (Lora and
+    TI hashes) are the CLI's with that prompt."""
+    page = open_page(browser, server)
+    panel = tab(page, "txt2img")
+    fill(panel, Prompt=CUSTOM["typed"], Seed=CUSTOM["seed"], Steps=STEPS)
+    pick(page, panel, "Add LoRA", "inkwash")
+    pick(page, panel, "Add embedding", "glossy-style")
+    expect(panel.get_by_label("Prompt", exact=True)).to_have_value(CUSTOM["prompt"])
+    panel.get_by_role("button", name="Generate").click()
+    assert wait_done(panel, CUSTOM["seed"]).startswith("wrote 1 image(s)")
+    name = f"seed_{CUSTOM['seed']}_00000.png"
+    ui, ref = slug_dir(server["ui"], CUSTOM["typed"]) / name, slug_dir(server["cli"], CUSTOM["typed"]) / name
+    assert np.array_equal(pixels(ui), pixels(ref))
+    text = Image.open(ui).text
+    assert text == Image.open(ref).text and 'Lora hashes: "inkwash: ' in text["parameters"]
+    assert 'TI hashes: "glossy-style: ' in text["parameters"]
     page.context.close()
 
 
