@@ -35,8 +35,8 @@ STEPS = 8
 PROMPT = "a red circle on a blue background, top left"
 I2I = dict(prompt="a green square on a yellow background, bottom right", seed=7, strength=0.5)
 # typed, then a LoRA and an embedding picked: the prompt the CLI is given
-CUSTOM = dict(typed="a green circle on a red background", seed=9,
-              prompt="a green circle on a red background <lora:inkwash:1> glossy-style")
+CUSTOM = dict(typed="a purple circle on an orange background", seed=9,
+              prompt="a purple circle on an orange background <lora:inkwash:1> glossy-style")
 RUN_TIMEOUT = 120_000  # ms a render may take on a loaded CPU
 
 try:
