@@ -146,10 +146,12 @@ class Engine:
 
     def _customize(self, fragments):
         """The model's customizations on freshly loaded fragments: a separate VAE, the adapters, the
-        embeddings (a tokenizer that reads their names, returned; None without any)."""
+        embeddings (a tokenizer that reads their names, returned; None without any); and the layout
+        the device runs fastest in (`pipeline.channels_last`)."""
         from .adapters import AdapterError, load_adapter_folder
         from .embeddings import TextualInversion
-        from .fragments import TEXT_ENCODER, VAE
+        from .fragments import TEXT_ENCODER, UNET_IN, UNET_OUT, VAE
+        from .pipeline import channels_last
         from .tokenizer import get_tokenizer
         from .vae_file import load_vae
 
@@ -161,6 +163,9 @@ class Engine:
                 load_adapter_folder(fragments, self.cfg, custom.adapter_path, self.spec.dtype)
             except AdapterError as e:
                 raise RequestError(str(e)) from None
+        if channels_last(self.device):
+            for name in (UNET_IN, UNET_OUT, VAE):
+                fragments[name].to(memory_format=torch.channels_last)  # the 4-d (conv) weights, in place
         if custom.embeddings:
             return TextualInversion(fragments[TEXT_ENCODER], get_tokenizer(), list(custom.embeddings)).tokenizer
         return None

@@ -329,7 +329,7 @@ def apply_loras(fragments: dict[str, nn.Module], loras: list[tuple[Lora, float]]
         for target, layers in by_target.items():
             weight = weights[target]
             patch._originals.append((weight, weight.detach().clone()))
-            in_place = weight.dtype == torch.float32  # fp32 already: summed in place
+            in_place = weight.dtype == torch.float32 and weight.is_contiguous()  # fp32 already: summed in place
             if in_place:
                 total = weight.detach()
             else:

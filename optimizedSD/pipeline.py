@@ -87,6 +87,13 @@ def default_unet_bs(device: torch.device) -> int:
     return 2 if device.type == "cpu" else 1
 
 
+def channels_last(device: torch.device) -> bool:
+    """Whether the UNet and VAE run channels-last on `device`: on the CPU, their convolutions (and
+    everything after them, which keeps the format) take about 20% less time at 512x512 with weights
+    (`Engine.load`) and inputs (`Pipeline._layout`) channels-last (README, CPU speed)."""
+    return device.type == "cpu"
+
+
 def pick_device(name: str | None) -> torch.device:
     """--device, or the best available: cuda, then mps, then cpu."""
     if name:
@@ -188,7 +195,7 @@ class Pipeline:
         dtype = self._compute_dtype(upcast)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         # the dtype autocast would feed the fp16 projections; fp32 in upcast and full precision
-        x, context = x.to(dtype), context.to(dtype)
+        x, context = self._layout(x.to(dtype)), context.to(dtype)
         chunks = [Carry(x[i:i + self.unet_bs], context[i:i + self.unet_bs], t[i:i + self.unet_bs])
                   for i in range(0, x.shape[0], self.unet_bs)]
         with self._compute(upcast):
@@ -250,11 +257,9 @@ class Pipeline:
         return latent if keep is None else keep * init + (1 - keep) * latent
 
     # ---- VAE --------------------------------------------------------------------------------
-    def _vae_layout(self, x: torch.Tensor) -> torch.Tensor:
-        """The VAE's input in the memory format it runs fastest in here: channels-last on the CPU,
-        where its convolutions (and everything after them, which keeps the format) then take about
-        10% less CPU time at 512x512 (README, CPU speed); as it is elsewhere."""
-        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cpu" else x
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """A UNet or VAE input in the memory format it runs fastest in here (`channels_last`)."""
+        return x.contiguous(memory_format=torch.channels_last) if channels_last(self.device) else x
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in about [-1, 1], fp32, decoded one at a
@@ -264,7 +269,7 @@ class Pipeline:
         dtype = self._compute_dtype(self.upcast)
         with self.engine.phase("decode"), self.engine.use(VAE_DECODER) as vae, self._compute(self.upcast):
             for z in latents.split(1):
-                z = self._vae_layout((z / self.cfg.scale_factor).to(self.device))
+                z = self._layout((z / self.cfg.scale_factor).to(self.device))
                 if self.device.type == "meta":  # planning: no values to check for overflow
                     image = vae.decode(z.to(dtype)) if tile is None else decode_tiled(vae, z.to(dtype), tile)
                 else:
@@ -281,7 +286,7 @@ class Pipeline:
         run's later batches of the same image tensor."""
         if self._posterior is None or self._posterior[0] is not image:
             with self.engine.phase("encode"), self.engine.use(VAE_ENCODER) as vae, self._compute(self.upcast):
-                x = self._vae_layout(image.to(self.device, self._compute_dtype(self.upcast)))
+                x = self._layout(image.to(self.device, self._compute_dtype(self.upcast)))
                 moments = encode_tiled(vae, x, self.cfg.downsample_factor, TILE) if self.tile else vae.encode(x)
                 # to the host (planning: the same placement, no values)
                 mean, logvar = (torch.zeros(m.shape) if m.is_meta else m.float().cpu() for m in moments)
