@@ -85,8 +85,10 @@ def detect_family(shapes: dict[str, tuple[int, ...]]) -> str:
 
 
 def load_fragments(path: str | Path, cfg: SDConfig, names=FRAGMENTS, dtype: torch.dtype = torch.float32,
-                   ema: bool = False) -> dict[str, nn.Module]:
-    """Load fragments `names` from the checkpoint at `path`: CPU modules in eval mode, no grad, in `dtype`.
+                   ema: bool = False, channels_last: bool = False) -> dict[str, nn.Module]:
+    """Load fragments `names` from the checkpoint at `path`: CPU modules in eval mode, no grad, in `dtype`;
+    with `channels_last`, the convolution weights (4-d) of every fragment but the text encoder in
+    that memory format (copied from the file as they are read, so no second copy is ever held).
 
     `ema=True` takes the UNet weights from the checkpoint's `model_ema.*` copy. Raises
     CheckpointError, before any weight is assigned, for anything that does not fit `cfg`.
@@ -105,7 +107,8 @@ def load_fragments(path: str | Path, cfg: SDConfig, names=FRAGMENTS, dtype: torc
         expected = {name: {k: tuple(v.shape) for k, v in m.state_dict().items()} for name, m in modules.items()}
         plan = _plan(path, shapes, expected, ema)
         for name, module in modules.items():
-            state = {local: _convert(read(key), dtype, mapped) for local, key in plan[name].items()}
+            last = channels_last and name != TEXT_ENCODER
+            state = {local: _convert(read(key), dtype, mapped, last) for local, key in plan[name].items()}
             module.load_state_dict(state, strict=True, assign=True)
             del state
             _finish(name, module, dtype)
@@ -207,12 +210,14 @@ def _family_message(path: Path, family: str, shapes: dict, cfg: SDConfig) -> str
     return message
 
 
-def _convert(tensor: torch.Tensor, dtype: torch.dtype, mapped: bool = False) -> torch.Tensor:
-    """`tensor` in `dtype` (no copy when it already is); a converted source read from a file mapping
-    (`mapped`) has its pages released from this process once copied."""
-    if not tensor.is_floating_point() or tensor.dtype == dtype:
+def _convert(tensor: torch.Tensor, dtype: torch.dtype, mapped: bool = False, channels_last: bool = False) -> torch.Tensor:
+    """`tensor` in `dtype`, and channels-last when 4-d and asked (no copy when it already is); a
+    converted source read from a file mapping (`mapped`) has its pages released from this process
+    once copied."""
+    layout = torch.channels_last if channels_last and tensor.dim() == 4 else torch.preserve_format
+    if not tensor.is_floating_point() or (tensor.dtype == dtype and layout == torch.preserve_format):
         return tensor
-    out = tensor.to(dtype)
+    out = tensor.to(dtype=dtype, memory_format=layout)
     if mapped:
         _page_out(tensor)
     return out

@@ -130,12 +130,13 @@ class Engine:
         from .checkpoint import CheckpointError, load_fragments
         from .fragments import FRAGMENTS
         from .images import file_hash
+        from .pipeline import channels_last
 
         if self.fragments is not None or self.spec.planning:
             return self
         try:
             fragments = load_fragments(self.spec.ckpt, self.cfg, names=FRAGMENTS, dtype=self.spec.dtype,
-                                       ema=self.spec.ema)
+                                       ema=self.spec.ema, channels_last=channels_last(self.device))
             self.tokenizer = self._customize(fragments)
         except CheckpointError as e:
             raise RequestError(str(e)) from None
@@ -163,9 +164,9 @@ class Engine:
                 load_adapter_folder(fragments, self.cfg, custom.adapter_path, self.spec.dtype)
             except AdapterError as e:
                 raise RequestError(str(e)) from None
-        if channels_last(self.device):
+        if channels_last(self.device):  # as the checkpoint's were loaded: a separate VAE's, the adapters'
             for name in (UNET_IN, UNET_OUT, VAE):
-                fragments[name].to(memory_format=torch.channels_last)  # the 4-d (conv) weights, in place
+                fragments[name].to(memory_format=torch.channels_last)  # the 4-d (conv) weights; no copy if so already
         if custom.embeddings:
             return TextualInversion(fragments[TEXT_ENCODER], get_tokenizer(), list(custom.embeddings)).tokenizer
         return None
