@@ -159,10 +159,14 @@ def prepare(args, log) -> Prepared:
     spec = resolve_model(args.ckpt, args.config, demo=args.demo, device="cpu", precision=args.precision, ema=args.ema,
                          **custom_args(args))
     check_model_flags(args, spec.cfg)
-    requests = requests_of(args, spec, log)
-    check_outdir(args.outdir)
     meta = torch.device("meta")  # plans a CUDA worker's memory, as --device meta does
-    planner = Engine(spec if args.device == "cpu" else replace(spec, device=meta, dtype=weight_dtype(meta, args.precision)))
+    # a CUDA worker without --precision takes its card's default (upcast on a GTX 16xx): planned as autocast
+    planned = args.precision or "autocast"
+    worker = spec if args.device == "cpu" else replace(spec, device=meta, precision=planned,
+                                                       dtype=weight_dtype(meta, planned))
+    requests = requests_of(args, worker, log)  # the worker's defaults (--unet_bs)
+    check_outdir(args.outdir)
+    planner = Engine(worker)
     for r in requests:
         planner.plan(r)  # a --vram budget too small for the size: an error before any worker starts
     ensure_writable(args.outdir)

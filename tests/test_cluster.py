@@ -82,6 +82,11 @@ def test_bad_input_stops_the_run_before_ray_starts(tiny_model, tmp_path, capsys,
     prompts.write_text("a red fox\n")
     code, _, err = run(run_flags(tiny_model, prompts, tmp_path / "out", "--ray", "--device", "meta"), capsys)
     assert code == 2 and err.startswith("error: --device meta does not go with --ray")
+    flags = [f for f in run_flags(tiny_model, prompts, tmp_path / "out", "--ray", "--vram", "1M")]
+    at = flags.index("--device")
+    del flags[at:at + 2]  # no --device, no --precision: planned for a CUDA worker at its default precision
+    code, _, err = run(flags, capsys)
+    assert code == 2 and err.startswith("error: --vram ") and "is too small for 64x64" in err and err.count("\n") == 1
     monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
     code, _, err = run(run_flags(tiny_model, prompts, tmp_path / "out", "--ray"), capsys)
     assert (code, err) == (2, "error: --ray needs Ray: pip install ray (or drop --ray to render in this process)\n")
