@@ -81,16 +81,15 @@ def native_bf16() -> bool:
 
 def default_unet_bs(device: torch.device) -> int:
     """--unet_bs when none is given: 1, the least device memory, except on the CPU, where nothing is
-    offloaded and an image's conditional and unconditional latents in one batch of 2 take about 18%
-    less CPU time through the UNet than one at a time (README, CPU speed), for about 0.15 GiB more
-    host memory at 512x512."""
+    offloaded and an image's conditional and unconditional latents in one batch of 2 take less CPU
+    time through the UNet than one at a time (README, CPU speed), for a little more host memory."""
     return 2 if device.type == "cpu" else 1
 
 
 def channels_last(device: torch.device) -> bool:
     """Whether the UNet and VAE run channels-last on `device`: on the CPU, their convolutions (and
-    everything after them, which keeps the format) take about 20% less time at 512x512 with weights
-    (`Engine.load`) and inputs (`Pipeline._layout`) channels-last (README, CPU speed)."""
+    everything after them, which keeps the format) take less time with weights (`Engine.load`) and
+    inputs (`Pipeline._layout`) channels-last (README, CPU speed)."""
     return device.type == "cpu"
 
 
