@@ -265,9 +265,12 @@ def _parameters_on_meta() -> Iterator[None]:
     Parameters cost nothing and are replaced by the checkpoint's tensors (`assign=True`); buffers
     no checkpoint holds (non-persistent ones, e.g. CLIP's `position_ids`) get their real values.
     Patches `nn.Module.register_parameter` while it runs, as accelerate's `init_empty_weights` does;
-    a parameter's uninitialised CPU storage exists only until it is registered.
+    a parameter's uninitialised CPU storage exists only until it is registered. The `nn.init`
+    functions do nothing meanwhile (as transformers' `no_init_weights`): initialising meta tensors is
+    wasted work, and the first one loads torch's meta kernels, over a second of a CPU run.
     """
     register = nn.Module.register_parameter
+    inits = {name: getattr(nn.init, name) for name in _INITS}
 
     def register_on_meta(module, name, param):
         register(module, name, param)
@@ -275,10 +278,23 @@ def _parameters_on_meta() -> Iterator[None]:
             module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
 
     nn.Module.register_parameter = register_on_meta
+    for name in _INITS:
+        setattr(nn.init, name, _no_init)
     try:
         yield
     finally:
         nn.Module.register_parameter = register
+        for name, fn in inits.items():
+            setattr(nn.init, name, fn)
+
+
+# the nn.init functions torch's layers and ours initialise parameters with
+_INITS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+          "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+def _no_init(tensor, *args, **kwargs):
+    return tensor
 
 
 # -- reading files ------------------------------------------------------------------------------

@@ -123,9 +123,9 @@ class TextEncoder(nn.Module):
             stds += [(a.q_proj, in_std), (a.k_proj, in_std), (a.v_proj, in_std), (a.out_proj, cfg.hidden_size ** -0.5),
                      (mlp.fc1, (2 * cfg.hidden_size) ** -0.5), (mlp.fc2, in_std)]
         for module, std in stds:
-            module.weight.normal_(0.0, std)
+            nn.init.normal_(module.weight, 0.0, std)
             if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
+                nn.init.zeros_(module.bias)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (B, 77) -> hidden states (B, 77, hidden)."""
