@@ -34,7 +34,7 @@ class Customizations:
         """`resolve_customizations`' arguments that give these again (paths absolute: a cluster worker's)."""
         absolute = lambda p: None if p is None else str(Path(p).resolve())  # noqa: E731
         return dict(vae=absolute(self.vae), adapter_path=absolute(self.adapter_path),
-                    embeddings=absolute(self.embeddings_dir), lora_dirs=[absolute(d) for d in self.lora_dirs])
+                    embeddings=absolute(self.embeddings_dir) or "", lora_dirs=[absolute(d) for d in self.lora_dirs])
 
 
 def _bases() -> list[Path]:
@@ -46,7 +46,7 @@ def _bases() -> list[Path]:
 def resolve_customizations(cfg: SDConfig, *, vae=None, adapter_path=None, adapter_scale=None, embeddings=None,
                            lora_dirs=None) -> tuple[SDConfig, Customizations]:
     """(the config with `adapter_scale` applied, the checked customizations). `embeddings=None` takes
-    `embeddings/` when it exists; `lora_dirs=None` the default LoRA folders."""
+    `embeddings/` when it exists, `""` none; `lora_dirs=None` the default LoRA folders."""
     from .embeddings import EmbeddingError, read_embeddings_dir
 
     if vae is not None and not Path(vae).is_file():
@@ -68,9 +68,9 @@ def resolve_customizations(cfg: SDConfig, *, vae=None, adapter_path=None, adapte
             raise RequestError(f"--adapter_scale must be a finite number, got {adapter_scale}")
         cfg = cfg.with_adapters(adapters.with_scale(float(adapter_scale)))
     folder = None
-    if embeddings is not None:
+    if embeddings:
         folder = Path(embeddings)
-    else:
+    elif embeddings is None:
         folder = next((b / DEFAULT_EMBEDDINGS_DIR for b in _bases() if (b / DEFAULT_EMBEDDINGS_DIR).is_dir()), None)
     try:
         found = tuple(read_embeddings_dir(folder, cfg.text.hidden_size)) if folder is not None else ()

@@ -18,7 +18,7 @@ from test_adapters import COMBOS, hook_reference, write_folder
 
 from optimizedSD.cli import main
 from optimizedSD.config import AdapterConfig, tiny_config
-from optimizedSD.customize import lora_names, with_tag
+from optimizedSD.customize import lora_names, resolve_customizations, with_tag
 from optimizedSD.engine import Engine
 from optimizedSD.infotext import read_parameters
 from optimizedSD.model import resolve_model
@@ -256,3 +256,17 @@ def test_pickers_offer_the_folders_files_and_add_tags(loras, tmp_path):
     assert lora_names([folder, tmp_path / "b", tmp_path / "nowhere"]) == ["inkwash", "zebra"]
     assert with_tag("a fox ", "<lora:inkwash:1>") == "a fox <lora:inkwash:1>"
     assert with_tag("", "moody-light") == "moody-light"
+
+
+def test_a_cluster_worker_resolves_what_the_driver_resolved(model, tmp_path, monkeypatch):
+    """`Customizations.arguments` (what a Ray worker is given) gives the driver's choices again, from
+    another working directory: no embeddings stays none even where an `embeddings/` folder exists."""
+    cfg = model[0]
+    _, driver = resolve_customizations(cfg, lora_dirs=[tmp_path / "loras"])
+    assert driver.embeddings_dir is None
+    (tmp_path / "elsewhere" / "embeddings").mkdir(parents=True)
+    torch.save({"<x>": torch.zeros(cfg.text.hidden_size)}, tmp_path / "elsewhere" / "embeddings" / "stray.bin")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert resolve_customizations(cfg)[1].embeddings  # a run started here would find it
+    _, worker = resolve_customizations(cfg, **driver.arguments())
+    assert worker == driver
