@@ -123,9 +123,8 @@ def custom_metadata(custom: Customizations, cfg: SDConfig, r: Request) -> dict:
     `--lora` files as `Lora`, since their tags are not in the prompt), `TI hashes` of the embeddings
     its prompts name, `VAE`/`VAE hash`, `Adapters`."""
     from .adapters import adapter_metadata
-    from .embeddings import ti_metadata
+    from .embeddings import embeddings_in, ti_metadata
     from .lora import lora_metadata, lora_tag
-    from .tokenizer import get_tokenizer
     from .vae_file import vae_metadata
 
     meta = {}
@@ -134,10 +133,7 @@ def custom_metadata(custom: Customizations, cfg: SDConfig, r: Request) -> dict:
         meta["Lora"] = " ".join(lora_tag(lora, w) for lora, w in loras[:len(r.loras)])
     meta.update(lora_metadata(loras))
     if custom.embeddings:
-        names = {e.name.lower(): e for e in custom.embeddings}
-        words = get_tokenizer().with_words({e.name: [0] for e in custom.embeddings})
-        seen = {w for t in (r.prompt, r.negative_prompt) for w in words.words_in(t)}
-        meta.update(ti_metadata([names[n] for n in names if n in seen]))
+        meta.update(ti_metadata(embeddings_in(list(custom.embeddings), (r.prompt, r.negative_prompt))))
     if custom.vae:
         meta.update(vae_metadata(custom.vae))
     if custom.adapter_path:

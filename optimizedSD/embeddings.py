@@ -111,8 +111,7 @@ class TextualInversion:
 
     def used(self, texts) -> list[Embedding]:
         """The embeddings any of `texts` names, in order."""
-        names = {w for t in texts for w in self.tokenizer.words_in(t)}
-        return [e for e in self.embeddings if e.name.lower() in names]
+        return _named(self.embeddings, self.tokenizer, texts)
 
     def undo(self) -> None:
         """The token embedding back to the vocabulary's rows, exactly (a copy of the first rows)."""
@@ -122,6 +121,19 @@ class TextualInversion:
     def _set(self, weight: torch.Tensor) -> None:
         self._table.weight = nn.Parameter(weight, requires_grad=False)
         self._table.num_embeddings = weight.shape[0]
+
+
+def embeddings_in(embeddings: list[Embedding], texts) -> list[Embedding]:
+    """The embeddings any of `texts` names, in order, as the text encoder will read them (without a
+    loaded model: a run's metadata is written before, or without, loading it)."""
+    from .tokenizer import get_tokenizer
+
+    return _named(embeddings, get_tokenizer().with_words({e.name: [] for e in embeddings}), texts)
+
+
+def _named(embeddings: list[Embedding], tokenizer, texts) -> list[Embedding]:
+    names = {w for t in texts for w in tokenizer.words_in(t)}
+    return [e for e in embeddings if e.name.lower() in names]
 
 
 def _token_embedding(text_encoder: nn.Module) -> nn.Embedding:
