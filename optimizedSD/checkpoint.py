@@ -263,7 +263,7 @@ def _parameters_on_meta() -> Iterator[None]:
     """Build modules with every parameter on the meta device and every buffer computed on the CPU.
 
     Parameters cost nothing and are replaced by the checkpoint's tensors (`assign=True`); buffers
-    no checkpoint holds (non-persistent ones, e.g. CLIP's `position_ids`) get their real values.
+    no checkpoint holds (non-persistent ones) get their real values.
     Patches `nn.Module.register_parameter` while it runs, as accelerate's `init_empty_weights` does;
     a parameter's uninitialised CPU storage exists only until it is registered. The `nn.init`
     functions do nothing meanwhile (as transformers' `no_init_weights`): initialising meta tensors is

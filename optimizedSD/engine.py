@@ -122,8 +122,7 @@ class Engine:
         self._engine = None  # the Offloader of the current plan
         self._placement = None  # its (mode, resident)
         self.tokenizer = None  # reads the embeddings' names (None: none, the shared CLIP tokenizer)
-        self._patch = None  # lora.LoraPatch of the LoRAs applied now
-        self._lora_key: list = []  # [(id of Lora, weight)] applied now
+        self._patch = None  # lora.LoraPatch of the LoRAs applied now (None: none)
 
     def load(self) -> "Engine":
         """Read the checkpoint into the fragments' host masters, once (nothing on `meta`)."""
@@ -176,18 +175,14 @@ class Engine:
         same set as the last request's is kept as it is."""
         from .lora import apply_loras
 
-        key = [(id(lora), w) for lora, w in loras]
-        if key == self._lora_key:
-            return
+        applied = self._patch.loras if self._patch is not None else []
+        if [(id(lora), w) for lora, w in loras] == [(id(lora), w) for lora, w in applied]:
+            return  # the patch holds those Lora objects: an id is not reused while they are applied
         if self._engine is not None:
             self._engine.close()  # every weight its host master
         if self._patch is not None:
             self._patch.undo()
-            self._patch = None
-        self._lora_key = []
-        if loras:
-            self._patch = apply_loras(self.fragments, loras)
-            self._lora_key = key
+        self._patch = apply_loras(self.fragments, loras) if loras else None
 
     # ---- requests and plans --------------------------------------------------------------------
     def complete(self, request: Request, labels: dict = CLI_LABELS, notify: Callable[[str], None] | None = None) -> Request:
