@@ -4,7 +4,11 @@ hooked reference of test_adapters); metadata; the planner; the errors of the fro
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +29,7 @@ from optimizedSD.model import resolve_model
 from optimizedSD.request import Request
 
 SEED = 41
+ROOT = Path(__file__).resolve().parent.parent
 STEPS = 10
 
 
@@ -91,9 +96,10 @@ def test_lora_flag_and_prompt_tag_equal_diffusers(model, loras, tmp_path, monkey
     assert 'Lora: "<lora:film-grain:0.7>"' in text and 'Lora hashes: "film-grain: ' in text and ", inkwash: " in text
 
 
-def test_a_request_without_loras_after_one_with_equals_a_fresh_engine(model, loras):
+def test_a_request_without_loras_after_one_with_equals_a_fresh_process(model, loras, tmp_path):
     """One engine (as the UI and the cluster workers keep it): LoRAs, then none, then other LoRAs, then
-    none again; each request without equals a fresh engine's image bit for bit."""
+    none again; each request without equals, bit for bit, a fresh engine's image and the image a
+    fresh process (the CLI, same threads) writes."""
     cfg, path, _, _, yaml = model
     kohya, peft, folder = loras
 
@@ -106,6 +112,14 @@ def test_a_request_without_loras_after_one_with_equals_a_fresh_engine(model, lor
         return np.asarray([item.image for batch in e.render(r) for item in batch][0]).astype(np.int16)
 
     fresh = image(engine(), PROMPT)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    subprocess.run([sys.executable, str(ROOT / "optimizedSD" / "optimized_txt2img.py"), "--ckpt", str(path),
+                    "--config", str(yaml), "--device", "cpu", "--H", "64", "--W", "64", "--ddim_steps", "4",
+                    "--sampler", "ddim", "--seed", str(SEED), "--n_samples", "1", "--scale", "7.5", "--prompt",
+                    PROMPT, "--negative_prompt", NEGATIVE, "--skip_grid", "--outdir", str(tmp_path)],
+                   check=True, capture_output=True, env=env)
+    [file] = tmp_path.rglob("*.png")
+    assert np.array_equal(np.asarray(Image.open(file).convert("RGB")).astype(np.int16), fresh)
     served = engine()
     with_lora = image(served, PROMPT, [(kohya, 0.8)])
     assert np.abs(with_lora - fresh).mean() > 3
