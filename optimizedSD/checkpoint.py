@@ -8,9 +8,10 @@ so host RAM holds one copy of the weights:
 - .safetensors (`safe_open`) and .ckpt (`torch.load(mmap=True, weights_only=True)`) are both read
   key by key from a file mapping. A tensor already in the requested dtype is assigned as is: it
   stays backed by the mapping and its pages load on first use. Others are converted one at a time,
-  and on Linux the source's pages are then paged out of this process (`madvise(MADV_PAGEOUT)`,
-  which never loses data): without that, every fp32 page read stays mapped and counted in the
-  resident set until the load ends, and an fp32 -> fp16 load peaks at 3x the fp16 weights.
+  and on Linux the source's whole pages are then unmapped from this process (`madvise(MADV_DONTNEED)`
+  on pages it never wrote): without that, every fp32 page read stays mapped and counted in the
+  resident set until the load ends, and an fp32 -> fp16 load peaks at 3x the fp16 weights. The
+  pages stay in the kernel's page cache, so the next load reads memory, not the disk.
 - Keys the requested fragments do not need (the EMA copy without --ema, the UNet's own weights
   with it) are never read. Only a legacy non-zip .ckpt is read into RAM whole.
 """
@@ -212,28 +213,28 @@ def _family_message(path: Path, family: str, shapes: dict, cfg: SDConfig) -> str
 
 def _convert(tensor: torch.Tensor, dtype: torch.dtype, mapped: bool = False, channels_last: bool = False) -> torch.Tensor:
     """`tensor` in `dtype`, and channels-last when 4-d and asked (no copy when it already is); a
-    converted source read from a file mapping (`mapped`) has its pages released from this process
+    converted source read from a file mapping (`mapped`) has its pages unmapped from this process
     once copied."""
     layout = torch.channels_last if channels_last and tensor.dim() == 4 else torch.preserve_format
     if not tensor.is_floating_point() or (tensor.dtype == dtype and layout == torch.preserve_format):
         return tensor
     out = tensor.to(dtype=dtype, memory_format=layout)
     if mapped:
-        _page_out(tensor)
+        _unmap_pages(tensor)
     return out
 
 
-def _page_out(tensor: torch.Tensor) -> None:
-    """Ask the kernel to reclaim the whole pages of `tensor`'s bytes (Linux `MADV_PAGEOUT`; a no-op
-    elsewhere). The pages of a file mapping are dropped and read again from the file if touched,
-    so nothing is lost even if another tensor shares them."""
-    advice = getattr(mmap, "MADV_PAGEOUT", 21 if sys.platform.startswith("linux") else None)  # 21: Linux >= 5.4
-    if advice is None or _libc() is None:
+def _unmap_pages(tensor: torch.Tensor) -> None:
+    """Drop this process's mapping of the whole pages of `tensor`'s bytes (Linux `MADV_DONTNEED`; a
+    no-op elsewhere), so they leave its resident set. They are pages of a file mapping this code
+    only read, so a later touch maps the same bytes again, and they stay in the page cache
+    (`MADV_PAGEOUT`, used before, also evicted them there: every run read the checkpoint from disk)."""
+    if not sys.platform.startswith("linux") or _libc() is None:
         return
     start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
     first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:
-        _libc().madvise(first, last - first, advice)  # best effort: an error only means the pages stay
+        _libc().madvise(first, last - first, mmap.MADV_DONTNEED)  # best effort: an error only means the pages stay
 
 
 @functools.cache

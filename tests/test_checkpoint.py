@@ -287,6 +287,8 @@ def test_converting_a_mapped_safetensors_file_releases_its_pages(tmp_path):
     state = {f"t{i}": torch.randn(1024, 1024, generator=g) for i in range(32)}
     path = tmp_path / "big.safetensors"
     save_file(state, str(path))
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())  # clean pages, which the kernel may drop from its page cache at will
     size = 32 * 4 * 2 ** 20
     grown = {}
     for release in (False, True):
@@ -297,3 +299,29 @@ def test_converting_a_mapped_safetensors_file_releases_its_pages(tmp_path):
             grown[release] = _rss_file_bytes() - before
         assert all(torch.equal(out[k], state[k].half()) for k in state)
     assert grown[False] > 0.8 * size and grown[True] < 0.1 * size, grown
+    # Released from this process, not from the page cache: the next load must not read the disk.
+    assert _cached_fraction(path) > 0.9
+
+
+def _cached_fraction(path: Path) -> float:
+    """The fraction of `path`'s pages in the kernel's page cache (Linux `mincore` of a fresh mapping)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+        vec = ctypes.create_string_buffer(pages)
+        assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
+        libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vec.raw) / pages
