@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import inplace
 from .attention import attention
 from .config import UNetConfig
 
@@ -90,10 +91,10 @@ class Upsample(nn.Module):
 class ResBlock(TimestepBlock):
     def __init__(self, channels: int, emb_channels: int, out_channels: int):
         super().__init__()
-        self.in_layers = nn.Sequential(GroupNorm32(32, channels), nn.SiLU(),
+        self.in_layers = nn.Sequential(GroupNorm32(32, channels), inplace.SiLU(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(GroupNorm32(32, out_channels), nn.SiLU(), nn.Dropout(0.0),
+        self.out_layers = nn.Sequential(GroupNorm32(32, out_channels), inplace.SiLU(), nn.Dropout(0.0),
                                         nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = (nn.Identity() if out_channels == channels
                                 else nn.Conv2d(channels, out_channels, 1))
@@ -104,9 +105,11 @@ class ResBlock(TimestepBlock):
         if at is not None:
             x = at("resi", x)
         h = self.in_layers(x)
-        h = h + self.emb_layers(emb).type(h.dtype)[..., None, None]
-        out = self.skip_connection(x) + self.out_layers(h)
-        return out if at is None else at("reso", out)
+        if at is not None:  # an adapter may hold on to what it read: no tensor is written twice
+            h = h + self.emb_layers(emb).type(h.dtype)[..., None, None]
+            return at("reso", self.skip_connection(x) + self.out_layers(h))
+        h = inplace.add(h, self.emb_layers(emb).type(h.dtype)[..., None, None])
+        return inplace.add(self.out_layers(h), self.skip_connection(x))
 
 
 class CrossAttention(nn.Module):
@@ -137,7 +140,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x):
         x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        return inplace.mul(F.gelu(gate), x)
 
 
 class FeedForward(nn.Module):
@@ -160,9 +163,9 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x, context):
         if self.adapter_inout is None:
-            x = self.attn1(self.norm1(x)) + x
-            x = self.attn2(self.norm2(x), context) + x
-            return self.ff(self.norm3(x)) + x
+            x = inplace.add(self.attn1(self.norm1(x)), x)
+            x = inplace.add(self.attn2(self.norm2(x), context), x)
+            return inplace.add(self.ff(self.norm3(x)), x)
         # The same data path with the adapter's positions named (Xiang-cd/unet-finetune
         # BasicTransformerBlock._forward): it reads at one, adds at another; the rest pass through.
         at = self.adapter_inout.tap()
@@ -193,7 +196,7 @@ class SpatialTransformer(nn.Module):
         for block in self.transformer_blocks:
             x = block(x, context)
         x = x.transpose(1, 2).reshape(b, -1, h, w)
-        return self.proj_out(x) + x_in
+        return inplace.add(self.proj_out(x), x_in)
 
 
 def _heads(cfg: UNetConfig, ch: int) -> tuple[int, int]:
@@ -308,7 +311,7 @@ class UNetOutput(nn.Module):
                     ds //= 2
                 blocks.append(TimestepEmbedSequential(*layers))
         self.output_blocks = nn.ModuleList(blocks)
-        self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(32, ch), inplace.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
         _attach_adapters(self, cfg)
 
     def steps(self):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import inplace
 from .attention import attention
 from .config import VAEConfig
 
@@ -29,11 +30,11 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(inplace.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(inplace.silu(self.norm2(h))))
         if hasattr(self, "nin_shortcut"):
             x = self.nin_shortcut(x)
-        return x + h
+        return inplace.add(h, x)
 
 
 class AttnBlock(nn.Module):
@@ -55,7 +56,7 @@ class AttnBlock(nn.Module):
         q, k, v = (t.permute(0, 2, 3, 1).reshape(b, 1, h * w, c).contiguous()
                    for t in (self.q(n), self.k(n), self.v(n)))
         out = attention(q, k, v).reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last strides
-        return x + self.proj_out(out)
+        return inplace.add(self.proj_out(out), x)
 
 
 class Downsample(nn.Module):
@@ -132,7 +133,7 @@ class Encoder(nn.Module):
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(inplace.silu(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -165,7 +166,7 @@ class Decoder(nn.Module):
             h = stage(h)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(inplace.silu(self.norm_out(h)))
 
 
 class AutoencoderKL(nn.Module):
