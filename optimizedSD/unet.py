@@ -105,7 +105,7 @@ class ResBlock(TimestepBlock):
         if at is not None:
             x = at("resi", x)
         h = self.in_layers(x)
-        if at is not None:  # an adapter may hold on to what it read: no tensor is written twice
+        if at is not None:  # an adapter may keep a tensor it read: the sums make new tensors
             h = h + self.emb_layers(emb).type(h.dtype)[..., None, None]
             return at("reso", self.skip_connection(x) + self.out_layers(h))
         h = inplace.add(h, self.emb_layers(emb).type(h.dtype)[..., None, None])
