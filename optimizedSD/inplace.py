@@ -4,7 +4,7 @@ At 512x512 the VAE decoder's activations are up to 128 MiB each (1 x 128 x 512 x
 tensor of that size is fresh memory from the kernel: page faults and zeroed pages, on every call.
 Writing SiLU and residual additions into the tensor that was just produced avoids them and gives
 the same bits (the same kernels; IEEE addition and multiplication are commutative). On the CPU the
-VAE decode and the UNet run faster for it (figures in the README, "CPU speed").
+VAE decode and the UNet run faster for it (README, "CPU speed", for the whole run against diffusers').
 
 The caller passes as `fresh` only a tensor nothing else holds (the output of the layer just run).
 Each function falls back to the out-of-place form when writing in place would change the result

@@ -104,12 +104,11 @@ class ResBlock(TimestepBlock):
         at = None if self.adapter is None else self.adapter.tap()
         if at is not None:
             x = at("resi", x)
+        plus = inplace.add if at is None else torch.add  # an adapter may keep a tensor it read: new sums
         h = self.in_layers(x)
-        if at is not None:  # an adapter may keep a tensor it read: the sums make new tensors
-            h = h + self.emb_layers(emb).type(h.dtype)[..., None, None]
-            return at("reso", self.skip_connection(x) + self.out_layers(h))
-        h = inplace.add(h, self.emb_layers(emb).type(h.dtype)[..., None, None])
-        return inplace.add(self.out_layers(h), self.skip_connection(x))
+        h = plus(h, self.emb_layers(emb).type(h.dtype)[..., None, None])
+        out = plus(self.out_layers(h), self.skip_connection(x))
+        return out if at is None else at("reso", out)
 
 
 class CrossAttention(nn.Module):
