@@ -117,7 +117,7 @@ def load_adapter_folder(fragments: dict[str, nn.Module], cfg: SDConfig, folder: 
     none) with their weights from `folder`, in `dtype`; returns the number of adapter parameters.
     Every adapter needs its file, and every `.pt` in the folder must be an adapter of this config;
     keys and shapes must match exactly. Raises AdapterError before any module is changed."""
-    from .checkpoint import _parameters_on_meta
+    from .checkpoint import parameters_on_meta
 
     folder = Path(folder)
     if cfg.unet.adapters is None:
@@ -128,7 +128,7 @@ def load_adapter_folder(fragments: dict[str, nn.Module], cfg: SDConfig, folder: 
                            f"wrote (e.g. <logdir>/checkpoints/999-adapters) with --adapter_path")
     if adapter_modules(fragments):
         raise AdapterError("the model already has adapters; load a folder into fragments loaded from a checkpoint")
-    with _parameters_on_meta():  # the halves with adapters, shape only: names and shapes to read
+    with parameters_on_meta():  # the halves with adapters, shape only: names and shapes to read
         shadow = {h: type(fragments[h])(cfg.unet) for h in UNET_HALVES if h in fragments}
     states = _read_folder(folder, adapter_modules(shadow))
     for half, built in shadow.items():

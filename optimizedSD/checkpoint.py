@@ -103,7 +103,7 @@ def load_fragments(path: str | Path, cfg: SDConfig, names=FRAGMENTS, dtype: torc
         family = detect_family(shapes)
         if _CHANNELS.get(family) != cfg.unet.in_channels:
             raise CheckpointError(_family_message(path, family, shapes, cfg))
-        with _parameters_on_meta():
+        with parameters_on_meta():
             modules = {name: build_fragment(name, cfg) for name in names}
         expected = {name: {k: tuple(v.shape) for k, v in m.state_dict().items()} for name, m in modules.items()}
         plan = _plan(path, shapes, expected, ema)
@@ -126,7 +126,7 @@ def read_state(path: str | Path) -> dict[str, torch.Tensor]:
 def empty_fragments(cfg: SDConfig, names=FRAGMENTS, dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
     """Fragments `names` as `load_fragments` gives them, but with uninitialised weights and no file
     read: real CPU tensors in `dtype`, allocated and never written (the planner's host copies)."""
-    with _parameters_on_meta():
+    with parameters_on_meta():
         modules = {name: build_fragment(name, cfg) for name in names}
     for name, module in modules.items():
         state = {k: torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype)
@@ -260,7 +260,7 @@ def _finish(name: str, module: nn.Module, dtype: torch.dtype) -> None:
 
 
 @contextmanager
-def _parameters_on_meta() -> Iterator[None]:
+def parameters_on_meta() -> Iterator[None]:
     """Build modules with every parameter on the meta device and every buffer computed on the CPU.
 
     Parameters cost nothing and are replaced by the checkpoint's tensors (`assign=True`); buffers

@@ -130,11 +130,11 @@ def _transformer(d: str, o: str, depth: int):
 @functools.cache
 def _weight_shapes(cfg: SDConfig) -> dict[str, tuple[int, ...]]:
     """checkpoint module name -> weight shape of every Linear and Conv2d of UNet and text encoder."""
-    from .checkpoint import _parameters_on_meta
+    from .checkpoint import parameters_on_meta
     from .fragments import TEXT_ENCODER, UNET_IN, UNET_OUT, build_fragment, checkpoint_key
 
     out = {}
-    with _parameters_on_meta():  # shapes only, no init
+    with parameters_on_meta():  # shapes only, no init
         for fragment in (UNET_IN, UNET_OUT, TEXT_ENCODER):
             for name, module in build_fragment(fragment, cfg).named_modules():
                 if isinstance(module, (nn.Linear, nn.Conv2d)):

@@ -221,10 +221,10 @@ def _min_group_sizes(cfg: SDConfig) -> tuple[int, int]:
     """The fewest channels any GroupNorm of the UNet, and of the VAE, normalises together."""
     import torch
 
-    from .checkpoint import _parameters_on_meta
+    from .checkpoint import parameters_on_meta
     from .fragments import UNET_IN, UNET_OUT, VAE, build_fragments
 
-    with _parameters_on_meta():  # shapes only, no init
+    with parameters_on_meta():  # shapes only, no init
         fragments = build_fragments(cfg, (UNET_IN, UNET_OUT, VAE))
 
     def fewest(*modules):

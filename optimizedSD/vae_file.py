@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, _finish, _parameters_on_meta, _some
+from .checkpoint import CheckpointError, _finish, parameters_on_meta, _some
 from .config import SDConfig
 from .fragments import VAE, build_fragment
 from .hashes import vae_hash
@@ -41,7 +41,7 @@ def load_vae(path: str | Path, cfg: SDConfig, dtype: torch.dtype = torch.float32
     if not any(k.startswith(("encoder.", "decoder.")) for k in state):
         raise CheckpointError(f"{path} holds no VAE weights (no encoder.*/decoder.* or first_stage_model.* keys); "
                               f"pass a VAE file with --vae")
-    with _parameters_on_meta():
+    with parameters_on_meta():
         module = build_fragment(VAE, cfg)
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     unknown, missing = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
