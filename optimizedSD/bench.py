@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # import this folder as the package
 
-from optimizedSD.cli import UsageError, build_parser, generate  # noqa: E402
-from optimizedSD.pipeline import PRECISIONS  # noqa: E402
+from optimizedSD.fronts.cli import UsageError, build_parser, generate  # noqa: E402
+from optimizedSD.engine.pipeline import PRECISIONS  # noqa: E402
 
 CONFIGS = ("lowvram", "default", "vram=2G", "vram=4G", "turbo")
 
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
                         "originals of the patched layers hold")
     args = p.parse_args(argv)
     if args.vs_diffusers:
-        from optimizedSD import bench_vs_diffusers
+        from optimizedSD.tools import bench_vs_diffusers
 
         if args.runs < 1 or (args.steps or 4) < 1:
             p.error("--runs and --steps must be at least 1")
@@ -118,9 +118,9 @@ def plan_setup_seconds(config: str | None, precision: str) -> float:
     start = time.perf_counter()
     import torch
 
-    from optimizedSD.config import SDConfig
-    from optimizedSD.pipeline import weight_dtype
-    from optimizedSD.planner import _meta_fragments
+    from optimizedSD.model.config import SDConfig
+    from optimizedSD.engine.pipeline import weight_dtype
+    from optimizedSD.engine.planner import _meta_fragments
 
     _meta_fragments(SDConfig.from_yaml(config) if config else SDConfig(), weight_dtype(torch.device("meta"), precision))
     return time.perf_counter() - start
@@ -131,9 +131,9 @@ def plan_seconds(run) -> float:
     --vram search if any, then `predict` once per batch size of the run)."""
     import time
 
-    from optimizedSD.cli import check_flags, requests_of
-    from optimizedSD.engine import Engine
-    from optimizedSD.model import resolve_model
+    from optimizedSD.fronts.cli import check_flags, requests_of
+    from optimizedSD.engine.engine import Engine
+    from optimizedSD.engine.spec import resolve_model
 
     check_flags(run)
     spec = resolve_model(None, run.config, demo=run.demo, device="meta", precision=run.precision)
@@ -153,8 +153,8 @@ def bench_load(ckpt: str, config: str | None, as_json: bool) -> int:
 
     import torch
 
-    from optimizedSD.checkpoint import load_fragments
-    from optimizedSD.config import SDConfig
+    from optimizedSD.model.checkpoint import load_fragments
+    from optimizedSD.model.config import SDConfig
 
     cfg = SDConfig.from_yaml(config) if config else SDConfig()
     baseline = host_ram_peak()
@@ -182,9 +182,9 @@ def bench_lora(path: str, config: str | None, as_json: bool) -> int:
 
     import torch
 
-    from optimizedSD.checkpoint import empty_fragments
-    from optimizedSD.config import SDConfig
-    from optimizedSD.lora import apply_loras, read_lora
+    from optimizedSD.model.checkpoint import empty_fragments
+    from optimizedSD.model.config import SDConfig
+    from optimizedSD.custom.lora import apply_loras, read_lora
 
     cfg = SDConfig.from_yaml(config) if config else SDConfig()
     fragments = empty_fragments(cfg, dtype=torch.float16)

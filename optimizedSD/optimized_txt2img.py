@@ -11,7 +11,7 @@ from pathlib import Path
 # sys.path so our module names (clip, config, ...) cannot shadow installed packages.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from optimizedSD.cli import main  # noqa: E402
+from optimizedSD.fronts.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(kind="txt2img"))

@@ -17,10 +17,10 @@ if __name__ == "__main__":  # run as a script: import this folder as the package
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from optimizedSD.cli import KINDS, Parser, UsageError, add_custom_flags, check_outdir, custom_args, memory_mode  # noqa: E402
-from optimizedSD.images import OutputError  # noqa: E402
-from optimizedSD.model import COMPVIS_CKPT, DEMO_CKPT, resolve_model  # noqa: E402
-from optimizedSD.request import check_memory  # noqa: E402
+from optimizedSD.fronts.cli import KINDS, Parser, UsageError, add_custom_flags, custom_args, memory_mode  # noqa: E402
+from optimizedSD.outputs.images import OutputError, check_outdir  # noqa: E402
+from optimizedSD.engine.spec import COMPVIS_CKPT, DEMO_CKPT, resolve_model  # noqa: E402
+from optimizedSD.engine.request import check_memory  # noqa: E402
 
 DEFAULT_PORT = 7860
 
@@ -77,8 +77,8 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(args) -> None:
-    from optimizedSD.engine import Engine
-    from optimizedSD.ui import Studio, build
+    from optimizedSD.engine.engine import Engine
+    from optimizedSD.fronts.ui import Studio, build
 
     auth = parse_auth(args.auth)
     if args.host not in ("127.0.0.1", "localhost", "::1") and auth is None:

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from optimizedSD.config import SDConfig, tiny_config
-from optimizedSD.fragments import FRAGMENTS, SKIPPED_KEYS, UNET_IN, UNET_OUT, build_fragments, checkpoint_key
+from optimizedSD.model.config import SDConfig, tiny_config
+from optimizedSD.model.fragments import FRAGMENTS, SKIPPED_KEYS, UNET_IN, UNET_OUT, build_fragments, checkpoint_key
 
 SCHEDULE_KEYS = sorted(k for k in SKIPPED_KEYS if "." not in k)  # betas, alphas_cumprod, ..., logvar
 TEXT_SEGMENT = "cond_stage_model.transformer.text_model."

@@ -12,7 +12,7 @@ def tiny_model(tmp_path_factory):
     from checkpoints import write_tiny_checkpoint
     from reference import write_yaml_config
 
-    from optimizedSD.config import tiny_config
+    from optimizedSD.model.config import tiny_config
 
     d = tmp_path_factory.mktemp("tiny_model")
     cfg = tiny_config()
@@ -39,6 +39,6 @@ def oracle():
 
 @pytest.fixture(scope="session")
 def tok():
-    from optimizedSD.tokenizer import ClipTokenizer
+    from optimizedSD.model.tokenizer import ClipTokenizer
 
     return ClipTokenizer()

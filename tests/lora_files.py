@@ -95,8 +95,8 @@ def write_random_kohya(path: Path, cfg, rank: int = 16, convs: bool = False, see
     """A random kohya-layout LoRA for `cfg` on every attention/feed-forward Linear and the text encoder
     (plus every Conv2d, LoCon, with `convs`): for timing patches of full-size models, where no reference
     is run. Shapes from the name table (`lora_targets`) and the model's own modules."""
-    from optimizedSD.fragments import TEXT_ENCODER, UNET_IN, UNET_OUT, build_fragments, fragment_of
-    from optimizedSD.lora import lora_targets
+    from optimizedSD.model.fragments import TEXT_ENCODER, UNET_IN, UNET_OUT, build_fragments, fragment_of
+    from optimizedSD.custom.lora import lora_targets
 
     with torch.device("meta"):
         fragments = build_fragments(cfg, (UNET_IN, UNET_OUT, TEXT_ENCODER))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from optimizedSD.cli import main
-from optimizedSD.manifest import NAME
+from optimizedSD.fronts.cli import main
+from optimizedSD.outputs.manifest import NAME
 
 PROMPTS = "a red fox\na cat\na red fox\n"  # the repeated line shares a folder: numbering continues in it
 N_SAMPLES, N_ITER = 2, 3  # 3 prompts x 6 images = 18 images, 9 batches, 3 grids

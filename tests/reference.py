@@ -26,8 +26,8 @@ from diffusers.loaders.single_file_utils import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from optimizedSD.config import SDConfig
-from optimizedSD.fragments import build_fragments, checkpoint_key
+from optimizedSD.model.config import SDConfig
+from optimizedSD.model.fragments import build_fragments, checkpoint_key
 
 
 def randomize(module: torch.nn.Module, seed: int) -> None:
@@ -175,7 +175,7 @@ MAX_DIFF = 2  # of 255, per pixel and channel
 def random_tiny_model(tmp_path_factory, cfg: SDConfig | None = None):
     """A tiny model (default `tiny_config()`) whose every weight is random (norm scales and biases
     too), as a real .ckpt: (cfg, ckpt path, state dict, tokenizer workdir)."""
-    from optimizedSD.config import tiny_config
+    from optimizedSD.model.config import tiny_config
 
     cfg = cfg or tiny_config()
     torch.manual_seed(1)
@@ -192,9 +192,9 @@ def our_images(model, seeds, height, width, sampler, steps=10, scale=7.5, mode="
                negative=NEGATIVE, karras=False, prompt=PROMPT, prepare=None) -> np.ndarray:
     """Our Pipeline's 8-bit images (B, H, W, 3) as int16, image i seeded `seeds[i]`. `prepare(fragments)`
     changes the loaded fragments before the pipeline is built and may return extra Pipeline arguments."""
-    from optimizedSD.checkpoint import load_fragments
-    from optimizedSD.offload import Offloader
-    from optimizedSD.pipeline import Pipeline
+    from optimizedSD.model.checkpoint import load_fragments
+    from optimizedSD.engine.offload import Offloader
+    from optimizedSD.engine.pipeline import Pipeline
 
     cfg, path, _, _ = model
     fragments = load_fragments(path, cfg)
@@ -206,8 +206,8 @@ def our_images(model, seeds, height, width, sampler, steps=10, scale=7.5, mode="
 def pipeline_images(pipe, seeds, height, width, sampler, steps=10, scale=7.5, negative=NEGATIVE, karras=False,
                     prompt=PROMPT) -> np.ndarray:
     """8-bit images (B, H, W, 3) as int16 of an already built Pipeline of ours."""
-    from optimizedSD.images import to_pil
-    from optimizedSD.pipeline import SampleSettings
+    from optimizedSD.engine.inputs import to_pil
+    from optimizedSD.engine.pipeline import SampleSettings
 
     x = pipe.txt2img(prompt, negative, seeds, height, width, SampleSettings(sampler, steps, scale, karras=karras))
     return np.stack([np.asarray(im) for im in to_pil(x)]).astype(np.int16)

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from reference import assert_same_image, ddim_scheduler, diffusers_images, our_images
 
-from optimizedSD.adapters import AdapterError, adapter_modules, load_adapter_folder
-from optimizedSD.checkpoint import load_fragments
-from optimizedSD.config import AdapterConfig, AdapterSpec, ConfigError, SDConfig
-from optimizedSD.offload import fragment_bytes
-from optimizedSD.planner import MemoryPlan, predict
+from optimizedSD.custom.adapters import AdapterError, adapter_modules, load_adapter_folder
+from optimizedSD.model.checkpoint import load_fragments
+from optimizedSD.model.config import AdapterConfig, AdapterSpec, ConfigError, SDConfig
+from optimizedSD.engine.offload import fragment_bytes
+from optimizedSD.engine.planner import MemoryPlan, predict
 
 SEED = 17
 UNET = "model.diffusion_model."
@@ -197,9 +197,10 @@ def test_planner_adds_the_adapter_bytes():
     adapted = cfg.with_adapters(AdapterConfig(AdapterSpec("attn2o", "ffni", 60)))
     fp16 = torch.float16
     with torch.device("meta"):
-        from optimizedSD.fragments import build_fragments
+        from optimizedSD.custom.adapters import with_adapters
+        from optimizedSD.model.fragments import build_fragments
 
-        halves = build_fragments(adapted, ("unet_in", "unet_out"))
+        halves = with_adapters(build_fragments(adapted, ("unet_in", "unet_out")), adapted)
     extra = {h: 2 * sum(p.numel() for a in adapter_modules({h: m}).values() for p in a.parameters())
              for h, m in halves.items()}
     # 16 transformer blocks (5 of width 320, 5 of 640, 6 of 1280), each Linear(d, 60) + Linear(60, d)
@@ -357,7 +358,7 @@ def test_duplicate_copies_alone_are_enough(loaded, tmp_path):
 
 
 def test_adapter_metadata_names_the_folder_and_the_adapters(tmp_path):
-    from optimizedSD.adapters import adapter_metadata
+    from optimizedSD.custom.adapters import adapter_metadata
 
     adapters = AdapterConfig(AdapterSpec("attn2o", "ffni", 60), AdapterSpec("resi", "reso", 7, "silu", 0.5))
     assert adapter_metadata(tmp_path / "999-adapters", adapters) == {

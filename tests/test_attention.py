@@ -14,11 +14,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import optimizedSD.attention as attention_module
-from optimizedSD.attention import (DEFAULT_CHUNK, HOST_SCORE_BYTES, AttentionPolicy, attention, auto_policy,
+import optimizedSD.model.attention as attention_module
+from optimizedSD.model.attention import (DEFAULT_CHUNK, HOST_SCORE_BYTES, AttentionPolicy, attention, auto_policy,
                                    fused_sdpa, get_policy, score_bytes, set_policy)
-from optimizedSD.config import tiny_config
-from optimizedSD.fragments import UNET_IN, UNET_OUT, VAE
+from optimizedSD.model.config import tiny_config
+from optimizedSD.model.fragments import UNET_IN, UNET_OUT, VAE
 from reference import tiny_fragments
 
 MiB = 2**20

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from test_cli import run_cli, tiny_args
 
-from optimizedSD.config import SDConfig, tiny_config
-from optimizedSD.images import ImageWriter
-from optimizedSD.request import UI_LABELS, Request, RequestError, complete, smallest_side
+from optimizedSD.model.config import SDConfig, tiny_config
+from optimizedSD.outputs.images import ImageWriter
+from optimizedSD.engine.request import UI_LABELS, Request, RequestError, complete, smallest_side
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -81,9 +81,9 @@ def test_tiny_model_really_fails_below_its_floor_and_runs_at_it():
     """The floor is where torch stops refusing: below it the model raises, at it the model runs."""
     import torch
 
-    from optimizedSD.fragments import build_fragments
-    from optimizedSD.offload import Offloader
-    from optimizedSD.pipeline import Pipeline, SampleSettings
+    from optimizedSD.model.fragments import build_fragments
+    from optimizedSD.engine.offload import Offloader
+    from optimizedSD.engine.pipeline import Pipeline, SampleSettings
 
     cfg = tiny_config()
     pipe = Pipeline(cfg, Offloader(build_fragments(cfg), torch.device("cpu")))

@@ -14,11 +14,11 @@ import torch
 from diffusers import DDIMScheduler
 from reference import PROMPT, NEGATIVE, diffusers_images, random_tiny_model, sd_v1_scheduler_config
 
-from optimizedSD.checkpoint import load_fragments
-from optimizedSD.cli import main
-from optimizedSD.images import to_pil
-from optimizedSD.offload import Offloader
-from optimizedSD.pipeline import Pipeline, SampleSettings, weight_dtype
+from optimizedSD.model.checkpoint import load_fragments
+from optimizedSD.fronts.cli import main
+from optimizedSD.engine.inputs import to_pil
+from optimizedSD.engine.offload import Offloader
+from optimizedSD.engine.pipeline import Pipeline, SampleSettings, weight_dtype
 
 
 @pytest.fixture(scope="module")

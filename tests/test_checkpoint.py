@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoints import ema_key, expected_weights, write_tiny_checkpoint
-from optimizedSD.checkpoint import CheckpointError, checkpoint_shapes, detect_family, load_fragments
-from optimizedSD.config import SDConfig, UNetConfig, tiny_config
-from optimizedSD.fragments import (FRAGMENTS, TEXT_ENCODER, UNET_IN, UNET_OUT, VAE, build_fragments,
+from optimizedSD.model.checkpoint import CheckpointError, checkpoint_shapes, detect_family, load_fragments
+from optimizedSD.model.config import SDConfig, UNetConfig, tiny_config
+from optimizedSD.model.fragments import (FRAGMENTS, TEXT_ENCODER, UNET_IN, UNET_OUT, VAE, build_fragments,
                                    checkpoint_key, fragment_of)
 
 UNET = "model.diffusion_model."
@@ -281,7 +281,7 @@ def test_converting_a_mapped_safetensors_file_releases_its_pages(tmp_path):
     weights). Here 32 tensors of 4 MiB: the file-mapped resident set grows by about the file's
     size without the release (the control) and by at most a tenth of it with it; the values are
     the file's either way."""
-    from optimizedSD.checkpoint import _convert, _open
+    from optimizedSD.model.checkpoint import _convert, _open
 
     g = torch.Generator().manual_seed(0)
     state = {f"t{i}": torch.randn(1024, 1024, generator=g) for i in range(32)}

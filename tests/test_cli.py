@@ -14,12 +14,13 @@ import torch
 from PIL import Image
 
 from checkpoints import write_tiny_checkpoint
-from optimizedSD import cli
-from optimizedSD import model
-from optimizedSD.request import RequestError
-from optimizedSD.cli import main
-from optimizedSD.config import SDConfig, UNetConfig
-from optimizedSD.images import file_hash
+from optimizedSD.fronts import cli
+from optimizedSD.engine import spec
+from optimizedSD.model import paths
+from optimizedSD.engine.request import RequestError
+from optimizedSD.fronts.cli import main
+from optimizedSD.model.config import SDConfig, UNetConfig
+from optimizedSD.model.hashes import file_hash
 
 REPO = Path(__file__).resolve().parent.parent
 FORBIDDEN = ("ldm", "pytorch_lightning", "taming", "clip", "diffusers", "transformers")  # transformers: import cost
@@ -114,7 +115,7 @@ def test_fixed_code_starts_every_image_from_the_first_noise(tiny_model, tmp_path
 
 
 def _nine_channel_checkpoint(tmp_path) -> Path:
-    from optimizedSD.config import tiny_config
+    from optimizedSD.model.config import tiny_config
 
     base = tiny_config()
     inpaint = SDConfig(unet=UNetConfig(**{**base.unet.__dict__, "in_channels": 9}), vae=base.vae, text=base.text)
@@ -181,7 +182,7 @@ def test_out_of_memory_is_one_line(tiny_model, tmp_path, capsys, monkeypatch):
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("optimizedSD.pipeline.Pipeline.txt2img_latents", oom)
+    monkeypatch.setattr("optimizedSD.engine.pipeline.Pipeline.txt2img_latents", oom)
     code, _, err = run_cli(tiny_args(tiny_model, tmp_path / "out", "--prompt", "p", "--unet_bs", 2), capsys)
     lines = err.strip().splitlines()
     assert code == 1 and lines[-1] == ("error: out of GPU memory at 64x64, even with --unet_bs 1 and one image at "
@@ -197,7 +198,7 @@ def test_out_of_memory_is_one_line(tiny_model, tmp_path, capsys, monkeypatch):
 def test_out_of_memory_retries_give_the_same_images(tiny_model, tmp_path, capsys, monkeypatch):
     """Sampling that fails above --unet_bs 1 or 2 images at once, and decoding that fails untiled,
     are retried smaller; the images are those of a run that never ran out of memory."""
-    from optimizedSD.pipeline import Pipeline
+    from optimizedSD.engine.pipeline import Pipeline
 
     args = tiny_args(tiny_model, tmp_path / "plain", "--prompt", "p", "--seed", 3, "--n_samples", 3, "--skip_grid")
     assert run_cli(args, capsys)[0] == 0
@@ -227,22 +228,22 @@ def test_out_of_memory_retries_give_the_same_images(tiny_model, tmp_path, capsys
 
 
 def test_default_checkpoint_discovery(tmp_path, monkeypatch):
-    monkeypatch.setattr(model, "ROOT", tmp_path / "repo")
+    monkeypatch.setattr(paths, "ROOT", tmp_path / "repo")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(RequestError, match="put sd-v1-4.ckpt .* in weights/ or at models/ldm/stable-diffusion-v1"):
-        model.find_checkpoint(None)
+        spec.find_checkpoint(None)
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights/notes.txt").write_text("not a checkpoint")
     (tmp_path / "weights/v1-5.safetensors").write_bytes(b"x")
-    assert model.find_checkpoint(None) == tmp_path / "weights/v1-5.safetensors"
+    assert spec.find_checkpoint(None) == tmp_path / "weights/v1-5.safetensors"
     (tmp_path / "weights/sd-v1-4.ckpt").write_bytes(b"x")
     with pytest.raises(RequestError, match=r"several checkpoints .*sd-v1-4.ckpt, v1-5.safetensors.*--ckpt"):
-        model.find_checkpoint(None)
+        spec.find_checkpoint(None)
     compvis = tmp_path / "models/ldm/stable-diffusion-v1/model.ckpt"
     compvis.parent.mkdir(parents=True)
     compvis.write_bytes(b"x")
-    assert model.find_checkpoint(None) == compvis  # the CompVis location wins
-    assert model.find_checkpoint(str(tmp_path / "weights/sd-v1-4.ckpt")) == tmp_path / "weights/sd-v1-4.ckpt"
+    assert spec.find_checkpoint(None) == compvis  # the CompVis location wins
+    assert spec.find_checkpoint(str(tmp_path / "weights/sd-v1-4.ckpt")) == tmp_path / "weights/sd-v1-4.ckpt"
 
 
 def _poisoned_packages(where: Path) -> None:

@@ -17,10 +17,10 @@ import ray
 import torch
 from prompt_runs import IMAGES, run_flags, single_process_run, tree
 
-from optimizedSD import cluster
-from optimizedSD.cli import main
-from optimizedSD.manifest import NAME
-from optimizedSD.request import RequestError
+from optimizedSD.fronts import cluster
+from optimizedSD.fronts.cli import main
+from optimizedSD.outputs.manifest import NAME
+from optimizedSD.engine.request import RequestError
 
 
 @pytest.fixture(scope="module")

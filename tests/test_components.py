@@ -33,9 +33,9 @@ from diffusers.loaders.single_file_utils import (
     create_vae_diffusers_config_from_ldm,
 )
 
-from optimizedSD.attention import AttentionPolicy, attention, get_policy, set_policy
-from optimizedSD.config import SDConfig, tiny_config
-from optimizedSD.fragments import TEXT_ENCODER, UNET_IN, UNET_OUT, VAE, build_fragments
+from optimizedSD.model.attention import AttentionPolicy, attention, get_policy, set_policy
+from optimizedSD.model.config import SDConfig, tiny_config
+from optimizedSD.model.fragments import TEXT_ENCODER, UNET_IN, UNET_OUT, VAE, build_fragments
 from reference import checkpoint, diffusers_unet, diffusers_vae, ldm_config, tiny_fragments, transformers_clip
 
 REL_TOL = 1e-5  # max |ours - reference| allowed, as a fraction of max |reference| (float32, see above)

@@ -20,13 +20,13 @@ from reference import (NEGATIVE, PROMPT, assert_same_image, checkpoint, ddim_sch
                        diffusers_vae, tiny_fragments, write_yaml_config)
 from test_adapters import COMBOS, hook_reference, write_folder
 
-from optimizedSD.cli import main
-from optimizedSD.config import AdapterConfig, tiny_config
-from optimizedSD.customize import lora_names, resolve_customizations, with_tag
-from optimizedSD.engine import Engine
-from optimizedSD.infotext import read_parameters
-from optimizedSD.model import resolve_model
-from optimizedSD.request import Request
+from optimizedSD.fronts.cli import main
+from optimizedSD.model.config import AdapterConfig, tiny_config
+from optimizedSD.engine.customize import lora_names, resolve_customizations, with_tag
+from optimizedSD.engine.engine import Engine
+from optimizedSD.outputs.infotext import read_parameters
+from optimizedSD.engine.spec import resolve_model
+from optimizedSD.engine.request import Request
 
 SEED = 41
 ROOT = Path(__file__).resolve().parent.parent

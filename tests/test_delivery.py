@@ -13,11 +13,10 @@ import pytest
 from PIL import Image
 from prompt_runs import IMAGES, run_flags, single_process_run, tree
 
-from optimizedSD.cli import build_parser
-from optimizedSD.cluster import prepare
-from optimizedSD.delivery import Delivery
-from optimizedSD.images import ImageWriter
-from optimizedSD.manifest import NAME, Manifest, ManifestError
+from optimizedSD.fronts.cli import build_parser, prepare_ray
+from optimizedSD.outputs.delivery import Delivery
+from optimizedSD.outputs.images import ImageWriter
+from optimizedSD.outputs.manifest import NAME, Manifest, ManifestError
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,7 @@ def reference(tiny_model, tmp_path_factory):
 
 def delivery_for(tiny_model, reference, outdir: Path, *extra):
     args = build_parser().parse_args(run_flags(tiny_model, reference[0], outdir, "--ray", *extra))
-    run = prepare(args, lambda *a: None)
+    run = prepare_ray(args, lambda *a: None)
     manifest = Manifest.open(outdir)
     return Delivery(outdir, run.requests, run.metas, run.keys, manifest, skip_grid=args.skip_grid), manifest
 

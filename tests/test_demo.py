@@ -16,16 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
-from optimizedSD.checkpoint import load_fragments
-from optimizedSD.model import DEMO_CKPT, DEMO_CONFIG, ROOT
-from optimizedSD.request import DEMO_SCALE
-from optimizedSD.config import SDConfig
-from optimizedSD.demo_data import COLOURS, POSITIONS, SIZE, Scene, all_scenes, render
-from optimizedSD.images import to_pil
-from optimizedSD.inputs import image_tensor, mask_tensor, paste_back
-from optimizedSD.offload import Offloader
-from optimizedSD.pipeline import Pipeline, SampleSettings
-from optimizedSD.samplers import SAMPLERS
+from optimizedSD.model.checkpoint import load_fragments
+from optimizedSD.engine.spec import DEMO_CKPT, DEMO_CONFIG, ROOT
+from optimizedSD.engine.request import DEMO_SCALE
+from optimizedSD.model.config import SDConfig
+from optimizedSD.tools.demo_data import COLOURS, POSITIONS, SIZE, Scene, all_scenes, render
+from optimizedSD.engine.inputs import to_pil
+from optimizedSD.engine.inputs import image_tensor, mask_tensor, paste_back
+from optimizedSD.engine.offload import Offloader
+from optimizedSD.engine.pipeline import Pipeline, SampleSettings
+from optimizedSD.sampling.samplers import SAMPLERS
 
 PALETTE = np.array(list(COLOURS.values()), dtype=float)
 NAMES = list(COLOURS)
@@ -91,7 +91,7 @@ def draw(demo, scene: Scene, seeds, sampler="ddim", steps=20, scale=DEMO_SCALE) 
 
 def test_the_demo_model_is_small_and_in_the_original_layout():
     assert (ROOT / DEMO_CKPT).stat().st_size <= 20 * 10 ** 6
-    from optimizedSD.checkpoint import checkpoint_shapes, detect_family
+    from optimizedSD.model.checkpoint import checkpoint_shapes, detect_family
     assert detect_family(checkpoint_shapes(ROOT / DEMO_CKPT)) == "sd-v1"
 
 
@@ -168,7 +168,7 @@ def test_inpainting_replaces_the_shape_in_the_masked_quadrant_and_nothing_else(d
 
 def test_training_script_writes_a_loadable_model(tmp_path):
     """A few steps of train_demo.py: the files load with the ordinary loader (the full run is in the README)."""
-    from optimizedSD.train_demo import main
+    from optimizedSD.tools.train_demo import main
 
     out, config = tmp_path / "demo.safetensors", tmp_path / "demo.yaml"
     assert main(["--out", str(out), "--config-out", str(config), "--images", "64", "--vae-steps", "2",
@@ -183,7 +183,7 @@ def test_training_script_writes_a_loadable_model(tmp_path):
 
 def test_training_is_reproducible(tmp_path):
     """The same seed and arguments write the same bytes; another seed does not."""
-    from optimizedSD.train_demo import main
+    from optimizedSD.tools.train_demo import main
 
     short = ["--images", "64", "--vae-steps", "3", "--steps", "3", "--batch", "4"]
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):

@@ -9,14 +9,14 @@ import pytest
 import torch
 from reference import assert_same_image, ddim_scheduler, diffusers_images, our_images, sd_pipeline
 
-from optimizedSD.checkpoint import load_fragments
-from optimizedSD.config import tiny_config
-from optimizedSD.embeddings import (EmbeddingError, TextualInversion, read_embedding, read_embeddings_dir,
+from optimizedSD.model.checkpoint import load_fragments
+from optimizedSD.model.config import tiny_config
+from optimizedSD.custom.embeddings import (EmbeddingError, TextualInversion, read_embedding, read_embeddings_dir,
                                     ti_metadata)
-from optimizedSD.fragments import TEXT_ENCODER
-from optimizedSD.offload import Offloader
-from optimizedSD.pipeline import Pipeline
-from optimizedSD.tokenizer import get_tokenizer
+from optimizedSD.model.fragments import TEXT_ENCODER
+from optimizedSD.engine.offload import Offloader
+from optimizedSD.engine.pipeline import Pipeline
+from optimizedSD.model.tokenizer import get_tokenizer
 
 SEED = 23
 HIDDEN = tiny_config().text.hidden_size

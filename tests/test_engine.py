@@ -7,9 +7,9 @@ import pytest
 from diffusers import DDIMScheduler
 from reference import NEGATIVE, PROMPT, assert_same_image, diffusers_images, random_tiny_model, sd_v1_scheduler_config, write_yaml_config
 
-from optimizedSD.engine import Cancelled, Engine, RunStats, model_evals
-from optimizedSD.model import resolve_model
-from optimizedSD.request import Request, RequestError
+from optimizedSD.engine.engine import Cancelled, Engine, RunStats, model_evals
+from optimizedSD.engine.spec import resolve_model
+from optimizedSD.engine.request import Request, RequestError
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_request_errors_come_before_any_work(engine):
 
 
 def test_an_image_request_without_its_image_says_so_before_the_size(engine):
-    from optimizedSD.request import UI_LABELS
+    from optimizedSD.engine.request import UI_LABELS
 
     with pytest.raises(RequestError, match="^inpaint needs an init image; give Image$"):
         engine.complete(Request("a cat", kind="inpaint"), labels=UI_LABELS)
@@ -105,8 +105,8 @@ def test_whole_numbers_in_real_fields_are_the_same_request(engine):
 
 def test_planning_runs_one_step_per_batch_shape(monkeypatch):
     """On meta a run of 10 images, 4 at once (4, 4, 2), predicts two shapes, each once."""
-    from optimizedSD import planner
-    from optimizedSD.planner import MemoryPlan
+    from optimizedSD.engine import planner
+    from optimizedSD.engine.planner import MemoryPlan
 
     engine = Engine(resolve_model(device="meta"))
     calls = []
@@ -129,7 +129,7 @@ def test_planning_runs_one_step_per_batch_shape(monkeypatch):
                                                  ("dpm2", 10, 19), ("plms", 10, 11), ("dpmpp_2m", 10, 10)])
 def test_model_evaluations_per_sampler(sampler, steps, evals):
     """Heun and DPM2 evaluate twice per step but the last (to sigma 0); PLMS twice on its first."""
-    from optimizedSD.config import SDConfig
+    from optimizedSD.model.config import SDConfig
 
     r = Request("p", sampler=sampler, steps=steps, seed=0, scale=7.5, width=64, height=64)
     assert model_evals(SDConfig(), r) == evals

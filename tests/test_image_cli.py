@@ -85,7 +85,7 @@ def test_planning_an_img2img_run_counts_the_encoder(tiny_model, tmp_path, capsys
 def test_the_init_image_is_encoded_once_per_run(tiny_model, tmp_path, capsys, monkeypatch):
     """Two iterations (two sampling batches) of one init image: one encoder pass, and the second
     batch's images are those a run starting at its seed writes."""
-    from optimizedSD.vae import AutoencoderKL
+    from optimizedSD.model.vae import AutoencoderKL
 
     picture((48, 48)).save(tmp_path / "in.png")
     common = ["--init-img", tmp_path / "in.png", "--strength", 0.8, "--skip_grid"]
@@ -106,7 +106,7 @@ def test_out_of_memory_while_encoding_retries_with_tiled_vae(tiny_model, tmp_pat
     smaller batch), says so, and writes the image a run that never ran out of memory writes."""
     import torch
 
-    from optimizedSD.vae import AutoencoderKL
+    from optimizedSD.model.vae import AutoencoderKL
 
     picture((48, 48)).save(tmp_path / "in.png")
     common = ["--init-img", tmp_path / "in.png", "--strength", 0.8, "--skip_grid"]
@@ -181,7 +181,7 @@ def test_planning_an_inpainting_checkpoint_run(tmp_path, capsys):
     import json
     from dataclasses import replace
 
-    from optimizedSD.config import tiny_config
+    from optimizedSD.model.config import tiny_config
 
     cfg = tiny_config()
     yaml = tmp_path / "inpaint.yaml"

@@ -1,4 +1,4 @@
-"""optimizedSD.images: numbering that never overwrites, metadata round trips, tensor → uint8,
+"""optimizedSD.outputs.images: numbering that never overwrites, metadata round trips, tensor → uint8,
 grids, slugs, the cheap checkpoint hash and the output pre-flight check. Expected values are
 written out or computed independently here (hashlib, plain arithmetic), never taken from the code."""
 import hashlib
@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from optimizedSD.images import ImageWriter, OutputError, ensure_writable, file_hash, make_grid, slugify, to_pil
+from optimizedSD.outputs.images import ImageWriter, OutputError, ensure_writable, make_grid, slugify
+from optimizedSD.model.hashes import file_hash
+from optimizedSD.engine.inputs import to_pil
 
 META = {"negative_prompt": "blurry", "sampler": "ddim", "steps": 10, "scale": 7.5,
         "checkpoint": "/weights/sd-v1-4.ckpt", "checkpoint_hash": "abcd1234"}

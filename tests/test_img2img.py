@@ -13,12 +13,12 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, HeunDiscreteSchedul
 from PIL import Image
 from reference import NEGATIVE, PROMPT, assert_same_image, random_tiny_model, sd_pipeline, sd_v1_scheduler_config
 
-from optimizedSD.checkpoint import load_fragments
-from optimizedSD.images import to_pil
-from optimizedSD.inputs import image_tensor
-from optimizedSD.offload import Offloader
-from optimizedSD.pipeline import Pipeline, SampleSettings
-from optimizedSD.samplers import SAMPLERS, strength_steps
+from optimizedSD.model.checkpoint import load_fragments
+from optimizedSD.engine.inputs import to_pil
+from optimizedSD.engine.inputs import image_tensor
+from optimizedSD.engine.offload import Offloader
+from optimizedSD.engine.pipeline import Pipeline, SampleSettings
+from optimizedSD.sampling.samplers import SAMPLERS, strength_steps
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 STEPS, SEED = 10, 7

@@ -1,4 +1,4 @@
-"""optimizedSD.infotext: `parameters` written the way AUTOMATIC1111's webui writes it, and read back from
+"""optimizedSD.outputs.infotext: `parameters` written the way AUTOMATIC1111's webui writes it, and read back from
 ours (old and new) and the webui's. The webui's side is written out here from its source
 (stable-diffusion-webui `modules/sd_samplers_kdiffusion.py`, `modules/sd_samplers.py`
 `get_sampler_and_scheduler`, `modules/infotext_utils.py` docstring), not taken from the code under test."""
@@ -7,10 +7,10 @@ import io
 import pytest
 from PIL import Image
 
-from optimizedSD.images import ImageWriter
-from optimizedSD.infotext import parameters_text, parse, read_parameters, request_fields
-from optimizedSD.ksamplers import KSAMPLERS
-from optimizedSD.samplers import SAMPLERS
+from optimizedSD.outputs.images import ImageWriter
+from optimizedSD.outputs.infotext import parameters_text, parse, read_parameters, request_fields
+from optimizedSD.sampling.ksamplers import KSAMPLERS
+from optimizedSD.sampling.samplers import SAMPLERS
 
 # The webui's sampler labels and the k-diffusion function each runs (samplers_k_diffusion), plus its
 # CompVis samplers. Karras variants are these labels with " Karras", or `Schedule type: Karras`.

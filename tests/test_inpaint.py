@@ -14,13 +14,13 @@ from PIL import Image
 from reference import NEGATIVE, PROMPT, assert_same_image, random_tiny_model, sd_pipeline, sd_v1_scheduler_config
 from test_img2img import picture
 
-from optimizedSD.checkpoint import load_fragments
-from optimizedSD.cli import main
-from optimizedSD.config import tiny_config
-from optimizedSD.images import to_pil
-from optimizedSD.inputs import image_tensor, mask_tensor
-from optimizedSD.offload import Offloader
-from optimizedSD.pipeline import Pipeline, SampleSettings
+from optimizedSD.model.checkpoint import load_fragments
+from optimizedSD.fronts.cli import main
+from optimizedSD.model.config import tiny_config
+from optimizedSD.engine.inputs import to_pil
+from optimizedSD.engine.inputs import image_tensor, mask_tensor
+from optimizedSD.engine.offload import Offloader
+from optimizedSD.engine.pipeline import Pipeline, SampleSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 STEPS, SEED = 10, 7

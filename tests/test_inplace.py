@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optimizedSD import inplace
+from optimizedSD.model import inplace
 
 
 def _pair(shape=(2, 3, 4, 5), dtype=torch.float32):

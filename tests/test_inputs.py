@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from optimizedSD.inputs import (InputError, default_size, image_tensor, load_mask, mask_tensor, open_image,
+from optimizedSD.engine.inputs import (InputError, default_size, image_tensor, load_mask, mask_tensor, open_image,
                                 paste_back, to_rgb)
 
 

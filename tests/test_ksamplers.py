@@ -1,4 +1,4 @@
-"""k-diffusion samplers (optimizedSD.ksamplers) against independent references.
+"""k-diffusion samplers (optimizedSD.sampling.ksamplers) against independent references.
 
 (a) Deterministic samplers, with and without Karras sigmas: our Pipeline's image equals diffusers'
     StableDiffusionPipeline with the matching scheduler, on the same tiny random checkpoint from the
@@ -42,8 +42,8 @@ from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteSchedu
 from reference import assert_same_image, diffusers_images, our_images, random_tiny_model, sd_v1_scheduler_config
 from test_samplers import SCALE, EpsModel, inputs
 
-from optimizedSD.ksamplers import KSAMPLERS, karras_sigmas
-from optimizedSD.samplers import SAMPLERS, EpsDenoiser, Schedule, make_plan, takes_noise
+from optimizedSD.sampling.ksamplers import KSAMPLERS, karras_sigmas
+from optimizedSD.sampling.samplers import SAMPLERS, EpsDenoiser, Schedule, make_plan, takes_noise
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 vs diffusers' _sigma_to_t
 
@@ -257,8 +257,8 @@ def test_karras_is_for_k_samplers_only():
         with pytest.raises(ValueError, match="k-samplers"):
             make_plan(schedule, name, 10, karras=True)
         assert torch.equal(make_plan(schedule, name, 10, karras=False).sigmas, schedule.ddim_sigmas(10))
-    from optimizedSD.config import SDConfig
-    from optimizedSD.request import Request, RequestError, complete
+    from optimizedSD.model.config import SDConfig
+    from optimizedSD.engine.request import Request, RequestError, complete
 
     with pytest.raises(RequestError, match="--karras applies to the k-samplers only"):
         complete(Request("p", sampler="ddim", karras=True), SDConfig())

@@ -20,11 +20,11 @@ from PIL import Image
 from diffusers import DDIMScheduler
 from reference import assert_same_image, random_tiny_model, sd_pipeline, sd_v1_scheduler_config, transformers_clip
 
-from optimizedSD.attention import AttentionPolicy, using_policy
-from optimizedSD.checkpoint import load_fragments
-from optimizedSD.images import to_pil
-from optimizedSD.offload import Offloader
-from optimizedSD.pipeline import Pipeline, SampleSettings
+from optimizedSD.model.attention import AttentionPolicy, using_policy
+from optimizedSD.model.checkpoint import load_fragments
+from optimizedSD.engine.inputs import to_pil
+from optimizedSD.engine.offload import Offloader
+from optimizedSD.engine.pipeline import Pipeline, SampleSettings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -86,7 +86,7 @@ def test_short_texts_are_one_row_equal_to_the_default(tok, oracle, caplog):
 def test_exact_multiples_of_75_add_no_empty_chunk_and_nothing_is_logged(tok, oracle, caplog):
     text = " ".join(["cat", "dog", "fox"] * 50)  # 150 tokens
     assert len(oracle.encode(text)) == 150
-    with caplog.at_level(logging.WARNING, logger="optimizedSD.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="optimizedSD.model.tokenizer"):
         rows = tok.chunks([text, LONG])
     assert rows.shape == (2, 3, 77)
     assert rows[0].tolist() == padded(oracle_rows(oracle, text), 3, oracle)
@@ -158,14 +158,14 @@ def test_short_prompts_give_the_default_conditioning_exactly(model):
 
 
 def test_default_still_truncates_to_the_first_chunk(model, caplog):
-    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="optimizedSD.tokenizer"):
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="optimizedSD.model.tokenizer"):
         default = pipeline(model, False).conditioning([LONG, SHORT])
     assert default.shape == (2, 77, model[0].text.hidden_size)
-    messages = [r.getMessage() for r in caplog.records if r.name == "optimizedSD.tokenizer"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "optimizedSD.model.tokenizer"]
     assert len(messages) == 1 and messages[0].startswith("prompt is 160 tokens; the last 85 of them were dropped")
     assert "--long_prompts" in messages[0]
     caplog.clear()
-    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="optimizedSD.tokenizer"):
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="optimizedSD.model.tokenizer"):
         chunked = pipeline(model, True).conditioning([LONG, SHORT])
     assert not caplog.records
     # The truncated row is the first chunk row, so the default states are the first 77 positions.

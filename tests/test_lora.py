@@ -13,13 +13,13 @@ from lora_files import (LOCON_TARGETS, TEXT_TARGETS, UNET_TARGETS, allow_install
 from reference import (assert_same_image, checkpoint, ddim_scheduler, diffusers_images, diffusers_unet, ldm_config,
                        our_images, pipeline_images, sd_pipeline, transformers_clip)
 
-from optimizedSD.checkpoint import load_fragments
-from optimizedSD.config import SDConfig, tiny_config
-from optimizedSD.fragments import FRAGMENTS, TEXT_ENCODER, build_fragments, checkpoint_key
-from optimizedSD.lora import (LoraError, apply_loras, extract_lora_tags, find_lora, lora_metadata, lora_tag,
+from optimizedSD.model.checkpoint import load_fragments
+from optimizedSD.model.config import SDConfig, tiny_config
+from optimizedSD.model.fragments import FRAGMENTS, TEXT_ENCODER, build_fragments, checkpoint_key
+from optimizedSD.custom.lora import (LoraError, apply_loras, extract_lora_tags, find_lora, lora_metadata, lora_tag,
                               lora_targets, parse_lora_arg, read_lora)
-from optimizedSD.offload import Offloader
-from optimizedSD.pipeline import Pipeline
+from optimizedSD.engine.offload import Offloader
+from optimizedSD.engine.pipeline import Pipeline
 
 SEED = 31
 
@@ -131,7 +131,7 @@ def test_undo_restores_a_fresh_load_bit_for_bit(model, files):
 def test_fp16_patch_rounds_once(model, files):
     """In fp16 the patched weight is the exact sum rounded once: it equals the float64 sum cast to fp16
     but for rare ties (fp32 accumulation), where rounding W + delta in two fp16 steps misses often."""
-    from optimizedSD.fragments import fragment_of
+    from optimizedSD.model.fragments import fragment_of
 
     cfg, path, _, _ = model
     lora = read_lora(files["peft"], cfg)

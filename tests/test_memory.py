@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from optimizedSD.memory import CUDA_BLOCK, MetaMeter, cuda_block_bytes
+from optimizedSD.engine.memory import CUDA_BLOCK, MetaMeter, cuda_block_bytes
 
 
 def test_block_rounding():
@@ -55,7 +55,7 @@ class _Stash(torch.nn.Module):
 
 def _trace(model, inputs):
     """(live, peak) after each call of `model` under a fresh meter."""
-    from optimizedSD.memory import MetaMeter
+    from optimizedSD.engine.memory import MetaMeter
 
     out = []
     with MetaMeter() as m:
@@ -71,7 +71,7 @@ def _trace(model, inputs):
 
 
 def test_cached_ops_and_replayed_calls_count_what_running_them_counts(monkeypatch):
-    from optimizedSD import memory
+    from optimizedSD.engine import memory
 
     torch.manual_seed(0)
     with torch.device("meta"):

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optimizedSD.config import tiny_config
-from optimizedSD.fragments import FRAGMENTS, TEXT_ENCODER, UNET_IN, UNET_OUT, VAE, build_fragments
-from optimizedSD.offload import Offloader, fragment_bytes, unet_units
-from optimizedSD.pipeline import Pipeline, SampleSettings
+from optimizedSD.model.config import tiny_config
+from optimizedSD.model.fragments import FRAGMENTS, TEXT_ENCODER, UNET_IN, UNET_OUT, VAE, build_fragments
+from optimizedSD.engine.offload import Offloader, fragment_bytes, unet_units
+from optimizedSD.engine.pipeline import Pipeline, SampleSettings
 
 
 def _run(mode):

@@ -7,17 +7,17 @@ import time
 import pytest
 import torch
 
-from optimizedSD import memory
-from optimizedSD.attention import auto_policy, using_policy
-from optimizedSD.checkpoint import empty_fragments
-from optimizedSD.config import SDConfig, tiny_config
-from optimizedSD.fragments import TEXT_ENCODER, UNET_IN, UNET_OUT, build_fragment
-from optimizedSD.memory import MetaMeter
-from optimizedSD.offload import Offloader
-from optimizedSD.pipeline import Pipeline, SampleSettings
-from optimizedSD.planner import (SETTLED_STEPS, GiB, MemoryPlan, PlanError, _meta_fragments, parse_size,
+from optimizedSD.engine import memory
+from optimizedSD.model.attention import auto_policy, using_policy
+from optimizedSD.model.checkpoint import empty_fragments
+from optimizedSD.model.config import SDConfig, tiny_config
+from optimizedSD.model.fragments import TEXT_ENCODER, UNET_IN, UNET_OUT, build_fragment
+from optimizedSD.engine.memory import MetaMeter
+from optimizedSD.engine.offload import Offloader
+from optimizedSD.engine.pipeline import Pipeline, SampleSettings
+from optimizedSD.engine.planner import (SETTLED_STEPS, GiB, MemoryPlan, PlanError, _meta_fragments, parse_size,
                                  plan_budget, predict, skip_bytes, step_seconds)
-from optimizedSD.samplers import SAMPLERS
+from optimizedSD.sampling.samplers import SAMPLERS
 
 CFG = SDConfig()
 FP16 = torch.float16
@@ -110,7 +110,7 @@ def test_tiled_encode_keeps_a_large_img2img_low():
 
 
 def test_cli_plans_without_a_checkpoint(tmp_path, capsys, monkeypatch):
-    from optimizedSD.cli import main
+    from optimizedSD.fronts.cli import main
 
     monkeypatch.chdir(tmp_path)  # no checkpoint anywhere near
     code = main(["--device", "meta", "--n_samples", "1", "--ddim_steps", "2", "--sampler", "ddim",
@@ -251,7 +251,7 @@ def test_a_2048_plan_of_16_images_completes():
 def test_a_run_of_several_batches_peaks_as_predict_plans_each(tmp_path, capsys, monkeypatch):
     """--vram 2G, 10 images at 512x512: two batches of 5; the run's peaks (each batch finding nothing
     of the previous one on the device) are predict's for a batch of 5."""
-    from optimizedSD.cli import main
+    from optimizedSD.fronts.cli import main
 
     monkeypatch.chdir(tmp_path)
     code = main(["--device", "meta", "--n_samples", "10", "--ddim_steps", "2", "--sampler", "ddim", "--vram", "2G",

@@ -13,13 +13,13 @@ import pytest
 import torch
 from reference import tiny_fragments
 
-from optimizedSD.config import SDConfig, tiny_config
-from optimizedSD.fragments import UNET_IN, UNET_OUT
-from optimizedSD.images import to_pil
-from optimizedSD.offload import Offloader
-from optimizedSD.pipeline import Pipeline, SampleSettings, default_precision, weight_dtype
-from optimizedSD.planner import MemoryPlan, predict
-from optimizedSD.upcast import UpcastMode
+from optimizedSD.model.config import SDConfig, tiny_config
+from optimizedSD.model.fragments import UNET_IN, UNET_OUT
+from optimizedSD.engine.inputs import to_pil
+from optimizedSD.engine.offload import Offloader
+from optimizedSD.engine.pipeline import Pipeline, SampleSettings, default_precision, weight_dtype
+from optimizedSD.engine.planner import MemoryPlan, predict
+from optimizedSD.model.upcast import UpcastMode
 
 CFG = tiny_config()
 SETTINGS = SampleSettings("ddim", 5, 7.5)

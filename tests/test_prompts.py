@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from optimizedSD.prompts import parse_weighted
+from optimizedSD.sampling.prompts import parse_weighted
 
 
 def assert_parts(got, expected):

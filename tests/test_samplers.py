@@ -1,4 +1,4 @@
-"""optimizedSD.samplers against independent computations: a line-by-line transcription of CompVis
+"""optimizedSD.sampling.samplers against independent computations: a line-by-line transcription of CompVis
 `DDIMSampler` / `PLMSSampler` (alpha space, written out here) and diffusers' `DDIMScheduler` /
 `PNDMScheduler`, all driving the same deterministic synthetic eps model (no weights needed)."""
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from optimizedSD.samplers import (SAMPLERS, EpsDenoiser, Schedule, make_plan, sample,
+from optimizedSD.sampling.samplers import (SAMPLERS, EpsDenoiser, Schedule, make_plan, sample,
                                   sample_ddim, sample_plms)
 
 B, C, H, W, TOKENS, DIM = 2, 4, 6, 6, 3, 8

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optimizedSD.attention import AttentionPolicy, get_policy, set_policy
-from optimizedSD.config import VAEConfig, tiny_config
-from optimizedSD.fragments import VAE
-from optimizedSD.tiling import decode_peak_bytes, decode_safe, decode_tiled, encode_tiled, needs_tiling
-from optimizedSD.vae import AutoencoderKL
+from optimizedSD.model.attention import AttentionPolicy, get_policy, set_policy
+from optimizedSD.model.config import VAEConfig, tiny_config
+from optimizedSD.model.fragments import VAE
+from optimizedSD.engine.tiling import decode_peak_bytes, decode_safe, decode_tiled, encode_tiled, needs_tiling
+from optimizedSD.model.vae import AutoencoderKL
 from reference import tiny_fragments
 from test_attention import LiveBytes
 

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from optimizedSD.tokenizer import BOS, EOS, ClipTokenizer, VocabNotFoundError, default_vocab_path, get_tokenizer
+from optimizedSD.model.tokenizer import BOS, EOS, ClipTokenizer, VocabNotFoundError, default_vocab_path, get_tokenizer
 
 TEXTS = [
     "",
@@ -90,7 +90,7 @@ def test_truncation_and_warning(tok, oracle, caplog):
     assert tok.count_dropped(LONG) == n_dropped
     assert tok.count_dropped("a cat") == 0
 
-    with caplog.at_level(logging.WARNING, logger="optimizedSD.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="optimizedSD.model.tokenizer"):
         rows = tok([LONG, "a cat", LONG])
     assert rows.shape == (3, 77)
     row = rows[0].tolist()
@@ -99,7 +99,7 @@ def test_truncation_and_warning(tok, oracle, caplog):
     assert row[76] == EOS
     assert rows[2].tolist() == row
     # One line for the repeated long prompt, none for the short one.
-    records = [r for r in caplog.records if r.name == "optimizedSD.tokenizer"]
+    records = [r for r in caplog.records if r.name == "optimizedSD.model.tokenizer"]
     assert len(records) == 1
     message = records[0].getMessage()
     assert "\n" not in message
@@ -112,7 +112,7 @@ def test_truncation_and_warning(tok, oracle, caplog):
 def test_exactly_full_row_does_not_warn(tok, caplog):
     text = " ".join(["cat"] * 75)
     assert len(tok.encode(text)) == 75
-    with caplog.at_level(logging.WARNING, logger="optimizedSD.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="optimizedSD.model.tokenizer"):
         rows = tok([text])
     assert not caplog.records
     assert rows[0, 0] == BOS and rows[0, 76] == EOS and (rows[0, 1:76] != EOS).all()
@@ -139,7 +139,7 @@ def test_plain_text_vocab_and_missing_file(tmp_path):
 
 def test_missing_package_message(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    monkeypatch.setattr("optimizedSD.tokenizer.PathFinder.find_spec", lambda name, path=None: None)
+    monkeypatch.setattr("optimizedSD.model.tokenizer.PathFinder.find_spec", lambda name, path=None: None)
     with pytest.raises(VocabNotFoundError, match="pip install openai-clip"):
         default_vocab_path()
 

@@ -8,10 +8,10 @@ import torch
 from reference import (assert_same_image, checkpoint, ddim_scheduler, diffusers_images, diffusers_vae, our_images,
                        tiny_fragments)
 
-from optimizedSD.checkpoint import CheckpointError
-from optimizedSD.config import VAEConfig, tiny_config
-from optimizedSD.fragments import VAE
-from optimizedSD.vae_file import load_vae
+from optimizedSD.model.checkpoint import CheckpointError
+from optimizedSD.model.config import VAEConfig, tiny_config
+from optimizedSD.model.fragments import VAE
+from optimizedSD.custom.vae_file import load_vae
 
 SEED = 11
 
@@ -104,7 +104,7 @@ def test_bad_vae_files(tmp_path, other):
 def test_vae_metadata_is_the_webui_name_and_short_hash(other):
     import hashlib
 
-    from optimizedSD.vae_file import vae_metadata
+    from optimizedSD.custom.vae_file import vae_metadata
 
     path = other[1]["compvis"]
     assert vae_metadata(path) == {"VAE": "vae-ft-mse.ckpt", "VAE hash": hashlib.sha256(path.read_bytes()).hexdigest()[:10]}

@@ -92,7 +92,7 @@ def customizations(tmp: Path) -> tuple[Path, Path]:
     from lora_files import TEXT_TARGETS, UNET_TARGETS, kohya_state, lora_tensors, write_kohya
     from safetensors.torch import load_file
 
-    from optimizedSD.config import SDConfig
+    from optimizedSD.model.config import SDConfig
 
     cfg = SDConfig.from_yaml(ROOT / "configs" / "demo.yaml")
     state = load_file(str(ROOT / "weights" / "demo.safetensors"))

@@ -30,7 +30,7 @@ def test_flag_errors_are_one_line(capsys, argv, message):
 
 
 def test_a_taken_port_is_refused_before_the_checkpoint_is_read(capsys, monkeypatch, tmp_path):
-    from optimizedSD.engine import Engine
+    from optimizedSD.engine.engine import Engine
 
     monkeypatch.setattr(Engine, "load", lambda self: pytest.fail("the checkpoint was read"))
     with socket.socket() as taken:

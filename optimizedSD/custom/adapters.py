@@ -24,9 +24,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import AdapterConfig, AdapterSpec, SDConfig
-from .fragments import UNET_IN, UNET_OUT
-from .weights_file import load_pickle
+from ..model.checkpoint import parameters_on_meta
+from ..model.config import AdapterConfig, AdapterSpec, SDConfig
+from ..model.fragments import UNET_IN, UNET_OUT
+from ..model.unet import BasicTransformerBlock, GroupNorm32, ResBlock
+from ..model.weights_file import load_pickle
 
 _ACTIVATIONS = {"relu": nn.ReLU, "default": nn.ReLU, "sig": nn.Sigmoid, "silu": nn.SiLU, "ident": nn.Identity}
 TRANSFORMER_ADAPTER, RESBLOCK_ADAPTER = "adapter_inout", "adapter"  # attribute names in the blocks
@@ -73,8 +75,6 @@ class ResBlockAdapter(nn.Sequential):
     """GroupNorm32(32, c_in), SiLU, Conv3x3(c_in, mid), activation, Conv3x3(mid, c_out)."""
 
     def __init__(self, channels: int, out_channels: int, spec: AdapterSpec):
-        from .unet import GroupNorm32
-
         c_in = channels if spec.din == "resi" else out_channels
         c_out = channels if spec.dout == "resi" else out_channels
         super().__init__(GroupNorm32(32, c_in), nn.SiLU(), nn.Conv2d(c_in, spec.mid_dim, 3, padding=1),
@@ -88,8 +88,6 @@ class ResBlockAdapter(nn.Sequential):
 def attach_adapters(half: nn.Module, adapters: AdapterConfig, context_dim: int) -> None:
     """Give every BasicTransformerBlock and ResBlock of a UNet half its adapter (random init; the
     weights come from `load_adapter_folder`)."""
-    from .unet import BasicTransformerBlock, ResBlock
-
     for module in list(half.modules()):
         if isinstance(module, BasicTransformerBlock) and adapters.transformer is not None:
             spec = adapters.transformer
@@ -98,6 +96,16 @@ def attach_adapters(half: nn.Module, adapters: AdapterConfig, context_dim: int) 
         elif isinstance(module, ResBlock) and adapters.resblock is not None:
             channels, out_channels = module.in_layers[0].num_channels, module.out_layers[-1].out_channels
             module.adapter = ResBlockAdapter(channels, out_channels, adapters.resblock)
+
+
+def with_adapters(fragments: dict[str, nn.Module], cfg: SDConfig) -> dict[str, nn.Module]:
+    """`fragments` with `cfg`'s adapters attached to their UNet halves (random init), in place; the
+    UNet itself never builds them: its blocks' `adapter`/`adapter_inout` are hook points for this."""
+    if cfg.unet.adapters is not None:
+        for half in UNET_HALVES:
+            if half in fragments:
+                attach_adapters(fragments[half], cfg.unet.adapters, cfg.unet.context_dim)
+    return fragments
 
 
 def adapter_modules(fragments: dict[str, nn.Module]) -> dict[str, nn.Module]:
@@ -117,8 +125,6 @@ def load_adapter_folder(fragments: dict[str, nn.Module], cfg: SDConfig, folder: 
     none) with their weights from `folder`, in `dtype`; returns the number of adapter parameters.
     Every adapter needs its file, and every `.pt` in the folder must be an adapter of this config;
     keys and shapes must match exactly. Raises AdapterError before any module is changed."""
-    from .checkpoint import parameters_on_meta
-
     folder = Path(folder)
     if cfg.unet.adapters is None:
         raise AdapterError(f"--adapter_path {folder} given, but the model config names no adapters; pass that "
@@ -129,7 +135,7 @@ def load_adapter_folder(fragments: dict[str, nn.Module], cfg: SDConfig, folder: 
     if adapter_modules(fragments):
         raise AdapterError("the model already has adapters; load a folder into fragments loaded from a checkpoint")
     with parameters_on_meta():  # the halves with adapters, shape only: names and shapes to read
-        shadow = {h: type(fragments[h])(cfg.unet) for h in UNET_HALVES if h in fragments}
+        shadow = with_adapters({h: type(fragments[h])(cfg.unet) for h in UNET_HALVES if h in fragments}, cfg)
     states = _read_folder(folder, adapter_modules(shadow))
     for half, built in shadow.items():
         for name, module in adapter_modules({half: built}).items():

@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .hashes import embedding_hash, hash_list
-from .weights_file import PICKLES, SAFETENSORS, load_pickle, read_tensors
+from ..model.hashes import embedding_hash, hash_list
+from ..model.weights_file import PICKLES, SAFETENSORS, load_pickle, read_tensors
 
 EMBEDDING_SUFFIXES = (".pt", ".bin", SAFETENSORS)
-DEFAULT_EMBEDDINGS_DIR = "embeddings"
 
 
 class EmbeddingError(Exception):
@@ -126,7 +125,7 @@ class TextualInversion:
 def embeddings_in(embeddings: list[Embedding], texts) -> list[Embedding]:
     """The embeddings any of `texts` names, in order, as the text encoder will read them (without a
     loaded model: a run's metadata is written before, or without, loading it)."""
-    from .tokenizer import get_tokenizer
+    from ..model.tokenizer import get_tokenizer
 
     return _named(embeddings, get_tokenizer().with_words({e.name: [] for e in embeddings}), texts)
 

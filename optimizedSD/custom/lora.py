@@ -28,13 +28,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import SDConfig
-from .fragments import fragment_of
-from .hashes import hash_list, lora_hash
-from .weights_file import PICKLES, SAFETENSORS, read_tensors
+from ..model.config import SDConfig
+from ..model.fragments import fragment_of
+from ..model.hashes import hash_list, lora_hash
+from ..model.weights_file import PICKLES, SAFETENSORS, read_tensors
 
 UNET_NAME, TEXT_NAME = "model.diffusion_model.", "cond_stage_model.transformer.text_model."  # checkpoint prefixes
-DEFAULT_LORA_DIRS = ("models/Lora", "weights/lora")  # where <lora:NAME:WEIGHT> looks, in order
 LORA_SUFFIXES = (SAFETENSORS, *PICKLES)
 _TAG = re.compile(r"<lora:([^>]*)>")  # the webui's extra-network syntax, lora only
 # Layer types of LyCORIS and others that are not a plain low-rank product (kohya-side key parts).
@@ -130,8 +129,8 @@ def _transformer(d: str, o: str, depth: int):
 @functools.cache
 def _weight_shapes(cfg: SDConfig) -> dict[str, tuple[int, ...]]:
     """checkpoint module name -> weight shape of every Linear and Conv2d of UNet and text encoder."""
-    from .checkpoint import parameters_on_meta
-    from .fragments import TEXT_ENCODER, UNET_IN, UNET_OUT, build_fragment, checkpoint_key
+    from ..model.checkpoint import parameters_on_meta
+    from ..model.fragments import TEXT_ENCODER, UNET_IN, UNET_OUT, build_fragment, checkpoint_key
 
     out = {}
     with parameters_on_meta():  # shapes only, no init

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, _finish, parameters_on_meta, _some
-from .config import SDConfig
-from .fragments import VAE, build_fragment
-from .hashes import vae_hash
-from .weights_file import read_tensors
+from ..model.checkpoint import CheckpointError, _finish, parameters_on_meta, _some
+from ..model.config import SDConfig
+from ..model.fragments import VAE, build_fragment
+from ..model.hashes import vae_hash
+from ..model.weights_file import read_tensors
 
 PREFIX = "first_stage_model."
 _SKIPPED = ("loss.", "model_ema.decay", "model_ema.num_updates")  # training-only parts of VAE checkpoints

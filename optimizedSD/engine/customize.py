@@ -15,11 +15,10 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import SDConfig
+from ..model.config import SDConfig
+from ..model.paths import DEFAULT_EMBEDDINGS_DIR, DEFAULT_LORA_DIRS, bases
 from .request import Request, RequestError
 
-DEFAULT_LORA_DIRS = (Path("models/Lora"), Path("weights/lora"))
-DEFAULT_EMBEDDINGS_DIR = Path("embeddings")
 
 
 @dataclass(frozen=True)
@@ -37,17 +36,12 @@ class Customizations:
                     embeddings=absolute(self.embeddings_dir) or "", lora_dirs=[absolute(d) for d in self.lora_dirs])
 
 
-def _bases() -> list[Path]:
-    from .model import ROOT
-
-    return list(dict.fromkeys([Path.cwd(), ROOT]))
-
 
 def resolve_customizations(cfg: SDConfig, *, vae=None, adapter_path=None, adapter_scale=None, embeddings=None,
                            lora_dirs=None) -> tuple[SDConfig, Customizations]:
     """(the config with `adapter_scale` applied, the checked customizations). `embeddings=None` takes
     `embeddings/` when it exists, `""` none; `lora_dirs=None` the default LoRA folders."""
-    from .embeddings import EmbeddingError, read_embeddings_dir
+    from ..custom.embeddings import EmbeddingError, read_embeddings_dir
 
     if vae is not None and not Path(vae).is_file():
         raise RequestError(f"VAE file not found: {vae}; check the --vae path")
@@ -71,13 +65,13 @@ def resolve_customizations(cfg: SDConfig, *, vae=None, adapter_path=None, adapte
     if embeddings:
         folder = Path(embeddings)
     elif embeddings is None:
-        folder = next((b / DEFAULT_EMBEDDINGS_DIR for b in _bases() if (b / DEFAULT_EMBEDDINGS_DIR).is_dir()), None)
+        folder = next((b / DEFAULT_EMBEDDINGS_DIR for b in bases() if (b / DEFAULT_EMBEDDINGS_DIR).is_dir()), None)
     try:
         found = tuple(read_embeddings_dir(folder, cfg.text.hidden_size)) if folder is not None else ()
     except EmbeddingError as e:
         raise RequestError(str(e)) from None
     dirs = tuple(Path(d) for d in lora_dirs) if lora_dirs else tuple(
-        dict.fromkeys(b / d for d in DEFAULT_LORA_DIRS for b in _bases()))
+        dict.fromkeys(b / d for d in DEFAULT_LORA_DIRS for b in bases()))
     return cfg, Customizations(Path(vae) if vae else None, Path(adapter_path) if adapter_path else None,
                                folder, found, dirs)
 
@@ -85,7 +79,7 @@ def resolve_customizations(cfg: SDConfig, *, vae=None, adapter_path=None, adapte
 # ---- per request -------------------------------------------------------------------------------
 def prompt_text(prompt: str) -> str:
     """The prompt the text encoder reads: without its `<lora:...>` tags."""
-    from .lora import extract_lora_tags
+    from ..custom.lora import extract_lora_tags
 
     return extract_lora_tags(prompt)[0]
 
@@ -93,7 +87,7 @@ def prompt_text(prompt: str) -> str:
 def request_loras(r: Request, cfg: SDConfig, lora_dirs) -> list[tuple]:
     """[(lora.Lora, weight)] of a request: its `loras` (paths), then the prompt's tags, each read and
     checked against `cfg` (read once per file version)."""
-    from .lora import LoraError, extract_lora_tags, find_lora
+    from ..custom.lora import LoraError, extract_lora_tags, find_lora
 
     try:
         _, tags = extract_lora_tags(r.prompt)
@@ -113,7 +107,7 @@ def request_loras(r: Request, cfg: SDConfig, lora_dirs) -> list[tuple]:
 
 @functools.lru_cache(maxsize=8)
 def _read_lora(path: Path, mtime_ns: int, size: int, cfg: SDConfig):
-    from .lora import read_lora
+    from ..custom.lora import read_lora
 
     return read_lora(path, cfg)
 
@@ -122,10 +116,10 @@ def custom_metadata(custom: Customizations, cfg: SDConfig, r: Request) -> dict:
     """The webui infotext fields of what a request's images were made with: `Lora hashes` (and the
     `--lora` files as `Lora`, since their tags are not in the prompt), `TI hashes` of the embeddings
     its prompts name, `VAE`/`VAE hash`, `Adapters`."""
-    from .adapters import adapter_metadata
-    from .embeddings import embeddings_in, ti_metadata
-    from .lora import lora_metadata, lora_tag
-    from .vae_file import vae_metadata
+    from ..custom.adapters import adapter_metadata
+    from ..custom.embeddings import embeddings_in, ti_metadata
+    from ..custom.lora import lora_metadata, lora_tag
+    from ..custom.vae_file import vae_metadata
 
     meta = {}
     loras = request_loras(r, cfg, custom.lora_dirs)
@@ -143,7 +137,7 @@ def custom_metadata(custom: Customizations, cfg: SDConfig, r: Request) -> dict:
 
 def lora_names(lora_dirs) -> list[str]:
     """The `<lora:NAME>` names the LoRA folders offer (a picker's choices), first folder first."""
-    from .lora import LORA_SUFFIXES
+    from ..custom.lora import LORA_SUFFIXES
 
     names = []
     for folder in map(Path, lora_dirs):

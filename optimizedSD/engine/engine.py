@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from .customize import prompt_text, request_loras
-from .model import ModelSpec
+from .spec import ModelSpec
 from .request import CLI_LABELS, Request, RequestError, check_memory
 
 
@@ -126,9 +126,9 @@ class Engine:
 
     def load(self) -> "Engine":
         """Read the checkpoint into the fragments' host masters, once (nothing on `meta`)."""
-        from .checkpoint import CheckpointError, load_fragments
-        from .fragments import FRAGMENTS
-        from .images import file_hash
+        from ..model.checkpoint import CheckpointError, load_fragments
+        from ..model.fragments import FRAGMENTS
+        from ..model.hashes import file_hash
         from .pipeline import channels_last
 
         if self.fragments is not None or self.spec.planning:
@@ -148,12 +148,12 @@ class Engine:
         """The model's customizations on freshly loaded fragments: a separate VAE, the adapters, the
         embeddings (a tokenizer that reads their names, returned; None without any); and the layout
         the device runs fastest in (`pipeline.channels_last`)."""
-        from .adapters import AdapterError, load_adapter_folder
-        from .embeddings import TextualInversion
-        from .fragments import TEXT_ENCODER, UNET_IN, UNET_OUT, VAE
+        from ..custom.adapters import AdapterError, load_adapter_folder
+        from ..custom.embeddings import TextualInversion
+        from ..model.fragments import TEXT_ENCODER, UNET_IN, UNET_OUT, VAE
         from .pipeline import channels_last
-        from .tokenizer import get_tokenizer
-        from .vae_file import load_vae
+        from ..model.tokenizer import get_tokenizer
+        from ..custom.vae_file import load_vae
 
         custom = self.spec.custom
         if custom.vae is not None:
@@ -173,7 +173,7 @@ class Engine:
     def _use_loras(self, loras: list) -> None:
         """Patch the host masters with `loras` [(Lora, weight)], undoing the last request's first; the
         same set as the last request's is kept as it is."""
-        from .lora import apply_loras
+        from ..custom.lora import apply_loras
 
         applied = self._patch.loras if self._patch is not None else []
         if [(id(lora), w) for lora, w in loras] == [(id(lora), w) for lora, w in applied]:
@@ -231,7 +231,7 @@ class Engine:
             self._engine = Offloader(self.fragments, self.device, plan.mode, plan.resident, meter=meter_for(self.device))
             self._placement = placement
             if patch is not None:
-                from .lora import apply_loras
+                from ..custom.lora import apply_loras
 
                 self._patch = apply_loras(self.fragments, patch_loras)
         return Pipeline(self.cfg, self._engine, dtype=self.spec.dtype, unet_bs=plan.unet_bs, tile=plan.tile,
@@ -262,7 +262,7 @@ class Engine:
         yield from self._render(r, plan, on_step, cancel, stats, its)
 
     def _render(self, r: Request, plan, on_step, cancel, stats: RunStats, its: list[int]) -> Iterator[list[Rendered]]:
-        from .images import to_pil
+        from .inputs import to_pil
         from .inputs import image_tensor, mask_tensor, paste_back
         from .pipeline import SampleSettings
 
@@ -398,7 +398,7 @@ class Engine:
 def sampled_steps(cfg, r: Request) -> int:
     """Sampling steps one batch of `r` walks (all of the plan's, or the last strength x steps)."""
     from .pipeline import Pipeline
-    from .samplers import make_plan, strength_steps
+    from ..sampling.samplers import make_plan, strength_steps
 
     steps = make_plan(Pipeline.schedule_of(cfg), r.sampler, r.steps, karras=r.karras).steps
     return steps if r.kind == "txt2img" else strength_steps(steps, r.strength)
@@ -408,7 +408,7 @@ def model_evals(cfg, r: Request) -> int:
     """How many times one batch of `r` evaluates the model: its sampler run on a 1-element stand-in
     with a counting denoiser (Heun and DPM2 take two evaluations on most steps, PLMS two on its first)."""
     from .pipeline import Pipeline
-    from .samplers import SAMPLERS, make_plan, takes_noise
+    from ..sampling.samplers import SAMPLERS, make_plan, takes_noise
 
     plan = make_plan(Pipeline.schedule_of(cfg), r.sampler, r.steps, karras=r.karras)
     sigmas = plan.sigmas[plan.steps - sampled_steps(cfg, r):]

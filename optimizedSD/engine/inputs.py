@@ -81,3 +81,18 @@ def mask_tensor(mask: Image.Image) -> torch.Tensor:
 def paste_back(generated: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
     """`generated` where the mask is white, `original` (its exact pixels) everywhere else."""
     return Image.composite(generated, original.convert("RGB"), mask)
+
+
+def to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """Decoded VAE batch (B, 3, H, W) in [-1, 1], any float dtype/device → B RGB images.
+
+    Math in float32 on the CPU: round(clamp((x + 1) / 2, 0, 1) * 255) (round half to even,
+    so 0 → 127.5 → 128); ±inf clamp, NaN (e.g. an fp16 VAE overflow) counts as 0 (grey 128).
+    The caller's tensor is not modified.
+    """
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"to_pil expects a (B, 3, H, W) batch, got shape {tuple(x.shape)}")
+    x = x.detach().to(device="cpu", dtype=torch.float32)
+    x = torch.nan_to_num((x + 1) / 2, nan=0.5).clamp(0, 1)
+    arr = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
+    return [Image.fromarray(np.ascontiguousarray(a), mode="RGB") for a in arr]

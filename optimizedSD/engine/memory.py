@@ -270,7 +270,7 @@ class _Replayed:
             return self.forward(*args, **kwargs)
         from torch.overrides import _get_current_function_mode_stack
 
-        from .attention import get_policy
+        from ..model.attention import get_policy
 
         key = (self.module, key, get_policy(), tuple(type(m) for m in _get_current_function_mode_stack()))
         trace = self._TRACES.get(key)

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .fragments import FRAGMENTS, TEXT_ENCODER, UNET_IN, UNET_OUT, VAE
+from ..model.fragments import FRAGMENTS, TEXT_ENCODER, UNET_IN, UNET_OUT, VAE
 from .memory import NullMeter
 
 PHASES = ("text", "sample", "decode", "encode")

@@ -14,15 +14,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import SDConfig
-from .fragments import TEXT_ENCODER
+from ..model.config import SDConfig
+from ..model.fragments import TEXT_ENCODER
 from .offload import UNET_HALVES, VAE_DECODER, VAE_ENCODER, Offloader
-from .prompts import parse_weighted
-from .samplers import SAMPLERS, EpsDenoiser, KnownRegion, Schedule, make_plan, strength_steps, takes_noise
+from ..sampling.prompts import parse_weighted
+from ..sampling.samplers import SAMPLERS, EpsDenoiser, KnownRegion, Schedule, make_plan, strength_steps, takes_noise
 from .tiling import decode_safe, decode_tiled, encode_tiled
-from .tokenizer import get_tokenizer
-from .unet import Carry
-from .upcast import UpcastMode
+from ..model.tokenizer import get_tokenizer
+from ..model.unet import Carry
+from ..model.upcast import UpcastMode
 
 TILE = 64  # latent pixels per side of a VAE tile (512 image pixels), overlapping by 16
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import auto_policy, using_policy
-from .config import SDConfig
-from .fragments import TEXT_ENCODER
+from ..model.attention import auto_policy, using_policy
+from ..model.config import SDConfig
+from ..model.fragments import TEXT_ENCODER
 from .memory import MetaMeter, cuda_block_bytes, replayable
 from .offload import VAE_UNITS, Offloader, fragment_bytes, unet_units
 
@@ -62,10 +62,11 @@ def _meta_fragments(cfg: SDConfig, dtype: torch.dtype):
     """The fragments with every weight on `meta`: the host masters of a planning run cost nothing.
     Their pure parts (the text encoder, each UNet block, the VAE's halves) are `replayable`: a
     repeated call (another chunk of rows, another tile, another predict) replays its memory trace."""
-    from .fragments import VAE, build_fragments
+    from ..custom.adapters import with_adapters
+    from ..model.fragments import VAE, build_fragments
 
     with torch.device("meta"):
-        fragments = {name: m.to(dtype) for name, m in build_fragments(cfg).items()}
+        fragments = {name: m.to(dtype) for name, m in with_adapters(build_fragments(cfg), cfg).items()}
     parts = [m for _, m in unet_units(fragments)] + [fragments[TEXT_ENCODER]]
     parts += [getattr(fragments[VAE], child) for children in VAE_UNITS.values() for child in children]
     for m in parts:
@@ -148,10 +149,10 @@ def skip_bytes(cfg: SDConfig, dtype: torch.dtype, height: int, width: int, preci
     output half, at `height` x `width` (each rounded as the CUDA allocator rounds it). Block-major
     sampling keeps those of every row of a step at once (`Pipeline._unet`), so rows x this is a
     lower bound of the sampling peak. Measured by running the input half's blocks on meta."""
-    from .fragments import UNET_IN
+    from ..model.fragments import UNET_IN
     from .pipeline import PRECISIONS
-    from .unet import Carry
-    from .upcast import UpcastMode
+    from ..model.unet import Carry
+    from ..model.upcast import UpcastMode
 
     upcast = PRECISIONS[precision].upcast
     compute = torch.float32 if upcast else dtype

@@ -18,9 +18,9 @@ from typing import Callable
 
 from PIL import Image
 
-from .config import SDConfig
-from .ksamplers import KSAMPLERS
-from .samplers import SAMPLERS, Schedule, make_plan, strength_steps
+from ..model.config import SDConfig
+from ..sampling.ksamplers import KSAMPLERS
+from ..sampling.samplers import SAMPLERS, Schedule, make_plan, strength_steps
 
 KINDS = ("txt2img", "img2img", "inpaint")
 MEMORY_MODES = ("default", "lowvram", "turbo")  # or a --vram budget such as "2G"
@@ -171,12 +171,12 @@ def check(r: Request, cfg: SDConfig, labels: dict = CLI_LABELS) -> None:
 
 def check_prompt(prompt: str, label: str, empty_ok: bool = False) -> None:
     """A prompt is text; its weighted sub-prompts' weights must not sum to zero or less."""
-    from .prompts import parse_weighted
+    from ..sampling.prompts import parse_weighted
 
     if not isinstance(prompt, str):
         raise RequestError(f"{label} must be text, got {type(prompt).__name__}")
     if not empty_ok:  # a prompt (not a negative one) may name LoRAs: <lora:NAME:WEIGHT>, not drawn
-        from .lora import LoraError, extract_lora_tags
+        from ..custom.lora import LoraError, extract_lora_tags
 
         try:
             prompt = extract_lora_tags(prompt)[0]
@@ -221,8 +221,8 @@ def _min_group_sizes(cfg: SDConfig) -> tuple[int, int]:
     """The fewest channels any GroupNorm of the UNet, and of the VAE, normalises together."""
     import torch
 
-    from .checkpoint import parameters_on_meta
-    from .fragments import UNET_IN, UNET_OUT, VAE, build_fragments
+    from ..model.checkpoint import parameters_on_meta
+    from ..model.fragments import UNET_IN, UNET_OUT, VAE, build_fragments
 
     with parameters_on_meta():  # shapes only, no init
         fragments = build_fragments(cfg, (UNET_IN, UNET_OUT, VAE))

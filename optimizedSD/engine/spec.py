@@ -13,14 +13,12 @@ from typing import Callable
 
 import torch
 
-from .config import ConfigError, SDConfig
+from ..model import paths
+from ..model.config import ConfigError, SDConfig
+from ..model.paths import CKPT_SUFFIXES, COMPVIS_CKPT, DEMO_CKPT, DEMO_CONFIG
 from .customize import Customizations, request_loras, resolve_customizations
 from .request import CLI_LABELS, Request, RequestError, complete
 
-ROOT = Path(__file__).resolve().parent.parent  # the repo, or the CompVis checkout we were dropped into
-COMPVIS_CKPT = Path("models/ldm/stable-diffusion-v1/model.ckpt")
-DEMO_CKPT, DEMO_CONFIG = Path("weights/demo.safetensors"), Path("configs/demo.yaml")  # under ROOT; train_demo.py
-CKPT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth")
 
 
 @dataclass(frozen=True)
@@ -93,7 +91,7 @@ def resolve_model(ckpt: str | Path | None = None, config: str | Path | None = No
     path = None if device.type == "meta" else find_checkpoint(ckpt)
     if path is not None:
         cfg = _with_checkpoint_unet(cfg, path)
-    from .tokenizer import VocabNotFoundError, get_tokenizer
+    from ..model.tokenizer import VocabNotFoundError, get_tokenizer
 
     try:
         get_tokenizer()  # a missing CLIP vocabulary is an install problem, found before any output
@@ -105,10 +103,10 @@ def resolve_model(ckpt: str | Path | None = None, config: str | Path | None = No
 
 
 def _demo_file(path: Path) -> str:
-    if not (ROOT / path).is_file():
-        raise RequestError(f"the demo model's {path} is missing from {ROOT}; run python optimizedSD/train_demo.py "
+    if not (paths.ROOT / path).is_file():
+        raise RequestError(f"the demo model's {path} is missing from {paths.ROOT}; run python -m optimizedSD.tools.train_demo "
                            "to make it")
-    return str(ROOT / path)
+    return str(paths.ROOT / path)
 
 
 def find_checkpoint(arg: str | Path | None) -> Path:
@@ -119,10 +117,10 @@ def find_checkpoint(arg: str | Path | None) -> Path:
         if not path.is_file():
             raise RequestError(f"checkpoint not found: {arg}; check the --ckpt path")
         return path
-    for base in dict.fromkeys([Path.cwd(), ROOT]):
+    for base in paths.bases():
         if (base / COMPVIS_CKPT).is_file():
             return base / COMPVIS_CKPT
-    for base in dict.fromkeys([Path.cwd(), ROOT]):
+    for base in paths.bases():
         found = sorted(p for p in (base / "weights").glob("*")
                        if p.suffix in CKPT_SUFFIXES and p.is_file() and p.name != DEMO_CKPT.name)
         if len(found) == 1:
@@ -155,7 +153,7 @@ def resolve_device(name: str | None) -> torch.device:
 
 def _with_checkpoint_unet(cfg: SDConfig, ckpt: Path) -> SDConfig:
     """`cfg` with a 9-channel UNet when `ckpt` is an inpainting checkpoint (sd-v1-5-inpainting)."""
-    from .checkpoint import CheckpointError, checkpoint_shapes, detect_family
+    from ..model.checkpoint import CheckpointError, checkpoint_shapes, detect_family
 
     try:
         family = detect_family(checkpoint_shapes(ckpt))

@@ -12,9 +12,9 @@ from contextlib import nullcontext
 
 import torch
 
-from .attention import AttentionPolicy, score_bytes
-from .config import VAEConfig
-from .upcast import UpcastMode
+from ..model.attention import AttentionPolicy, score_bytes
+from ..model.config import VAEConfig
+from ..model.upcast import UpcastMode
 
 
 # ---- tiled decode ---------------------------------------------------------------------------

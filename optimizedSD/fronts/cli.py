@@ -7,18 +7,17 @@ and exit status 2 (1 for running out of memory), and is found before anything is
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 from pathlib import Path
 
 import torch
 
-from .config import SDConfig
-from .ksamplers import KSAMPLERS
-from .model import COMPVIS_CKPT, DEMO_CKPT, DEMO_CONFIG, resolve_model
-from .request import CLI_LABELS, DEFAULT_STRENGTH, DEMO_SCALE, Request, RequestError
-from .samplers import SAMPLERS
+from ..model.config import SDConfig
+from ..sampling.ksamplers import KSAMPLERS
+from ..engine.spec import COMPVIS_CKPT, DEMO_CKPT, DEMO_CONFIG, resolve_model
+from ..engine.request import CLI_LABELS, DEFAULT_STRENGTH, DEMO_SCALE, Request, RequestError
+from ..sampling.samplers import SAMPLERS
 
 # A bad flag value, file or environment: one line, exit 2. The same error the library raises for a
 # bad request, so every front refuses the same input with the same words.
@@ -197,7 +196,7 @@ def requests_of(args, spec, log) -> list[Request]:
     """One completed request per prompt; the seeds run on from one prompt to the next."""
     seed = args.seed if args.seed is not None else random.randrange(2 ** 32)
     per_prompt = args.n_iter * args.n_samples
-    from .lora import parse_lora_arg
+    from ..custom.lora import parse_lora_arg
 
     loras = tuple((str(path.absolute()), weight) for path, weight in map(parse_lora_arg, args.lora))
     out = []
@@ -221,6 +220,30 @@ def requests_of(args, spec, log) -> list[Request]:
     return out
 
 
+def prepare_ray(args, log):
+    """`--ray`: everything a single-process run checks, done on the driver before any worker starts
+    (`cluster.prepare`); every error is a `RequestError`."""
+    from ..model.paths import DEMO_CONFIG, ROOT
+    from . import cluster
+
+    if args.ray is None:
+        raise UsageError("--workers goes with --ray (the workers of a Ray cluster); add --ray or drop --workers")
+    options = cluster.Options(args.outdir, fmt=args.format, skip_save=args.skip_save, skip_grid=args.skip_grid,
+                              n_rows=args.n_rows, address=args.ray, workers=args.workers, device=args.device,
+                              seed_given=args.seed is not None, quiet_stdout=args.json)
+    check_flags(args)
+    cluster.check_options(options)
+    spec = resolve_model(args.ckpt, args.config, demo=args.demo, device="cpu", precision=args.precision, ema=args.ema,
+                         **custom_args(args))
+    check_model_flags(args, spec.cfg)
+    worker = cluster.worker_spec(spec, options, args.precision)
+    requests = requests_of(args, worker, log)  # the worker's defaults (--unet_bs)
+    config = str(Path(args.config).resolve()) if args.config else str(ROOT / DEMO_CONFIG) if args.demo else None
+    model = dict(ckpt=str(spec.ckpt.resolve()), precision=args.precision, ema=args.ema, demo=args.demo,
+                 adapter_scale=args.adapter_scale, **spec.custom.arguments(), config=config)
+    return cluster.prepare(spec, worker, requests, model, options, precision=args.precision, ema=args.ema)
+
+
 # ---- the run --------------------------------------------------------------------------------
 def run(args) -> int:
     figures = generate(args)
@@ -236,15 +259,15 @@ def generate(args) -> dict:
     (time, memory per phase)."""
     from tqdm import tqdm
 
-    from .engine import Engine, RunStats, memory_line
-    from .images import ensure_writable
-    from .outputs import RequestWriter, metadata
+    from ..engine.engine import Engine, RunStats, memory_line
+    from ..outputs.images import check_outdir, ensure_writable
+    from ..outputs.writer import RequestWriter, metadata
 
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     if args.ray is not None or args.workers is not None:  # on a Ray cluster
-        from .cluster import generate as generate_on_ray
+        from . import cluster
 
-        return generate_on_ray(args, log)
+        return cluster.generate(prepare_ray(args, log), log)
     check_flags(args)
     spec = resolve_model(args.ckpt, args.config, demo=args.demo, device=args.device, precision=args.precision,
                          ema=args.ema, notify=log, **custom_args(args))
@@ -290,18 +313,6 @@ def generate(args) -> dict:
     return figures
 
 
-def check_outdir(outdir: str) -> None:
-    """Fail early, without creating anything, if OUTDIR cannot be created or written."""
-    path = Path(outdir).absolute()
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UsageError(f"cannot create output directory {outdir}: {probe} is a file; choose another --outdir")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"output directory {probe} is not writable; choose another --outdir")
-
-
 def warn(message: str) -> None:
     """A line on stderr that clears any progress bar first (out-of-memory retries come mid-bar)."""
     from tqdm import tqdm
@@ -311,7 +322,7 @@ def warn(message: str) -> None:
 
 def main(argv=None, kind: str = "txt2img") -> int:
     args = build_parser(kind).parse_args(argv)
-    from .images import OutputError
+    from ..outputs.images import OutputError
 
     try:
         return run(args)

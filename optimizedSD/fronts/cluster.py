@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, replace
@@ -31,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .request import RequestError
+from ..engine.request import RequestError
 
-PACKAGE = Path(__file__).resolve().parent  # shipped to every node (Ray runtime_env py_modules)
+PACKAGE = Path(__file__).resolve().parents[1]  # optimizedSD/, shipped to every node (Ray runtime_env py_modules)
 DEPTH = 2  # jobs queued per worker: the next batch is there when one ends
 MAX_RESTARTS = 3  # Ray restarts of a worker that died, after which it is dropped
 MAX_TRIES = 3  # times one job may be lost with its worker before the run stops
@@ -98,8 +99,8 @@ class RenderWorker:
         """Batch `iteration` of request `index` (`run`: [object ref of `generate`'s run dict], fetched
         once): its seeds; the images' files, encoded here as the driver would (so encoding scales with
         the workers), and/or their pixels as (H, W, 3) uint8 arrays for the grid; notes; figures."""
-        from .engine import RunStats
-        from .images import ImageWriter
+        from ..engine.engine import RunStats
+        from ..outputs.images import ImageWriter
 
         engine = self._engine()
         run = self._fetch(run[0])
@@ -113,8 +114,8 @@ class RenderWorker:
                     images=[np.asarray(item.image) for item in items] if run["pixels"] else None)
 
     def _engine(self):
-        from .engine import Engine
-        from .model import resolve_model
+        from ..engine.engine import Engine
+        from ..engine.spec import resolve_model
 
         if self.engine is None:
             self.engine = Engine(resolve_model(**self.model), notify=self.notes.append).load()
@@ -128,100 +129,121 @@ class RenderWorker:
         return self._run[1]
 
 
+@dataclass(frozen=True)
+class Options:
+    """Where the driver writes and which workers render (the CLI's --outdir ... --ray --workers --device)."""
+    outdir: str
+    fmt: str = "png"
+    skip_save: bool = False
+    skip_grid: bool = False
+    n_rows: int = 0
+    address: str = ""  # "" a local cluster, "auto" or host:port one started with `ray start`
+    workers: int | None = None  # None: one per GPU (without GPUs, 1)
+    device: str | None = None  # None or "cuda": the GPUs; "cpu": CPU workers
+    seed_given: bool = True  # the first seed was chosen by the user (else the resume hint names it)
+    quiet_stdout: bool = False  # --json: the figures alone on stdout
+
+
 @dataclass
 class Prepared:
     """A run checked on the driver, before any worker starts: the model, every request (one per
     prompt, as a single-process run makes them), each one's file metadata and manifest key."""
-    spec: object  # model.ModelSpec, resolved on the driver's CPU: it reads no weights
+    spec: object  # engine.spec.ModelSpec, resolved on the driver's CPU: it reads no weights
     requests: list
     metas: list[dict]
     keys: list[str]
     checkpoint_hash: str
+    model: dict  # the workers' resolve_model arguments, paths absolute
+    options: Options
 
 
-def prepare(args, log) -> Prepared:
-    """Everything a single-process run checks before its first image, for a --ray run (`args`: the
-    parsed flags); every error is a `RequestError`."""
-    from .cli import UsageError, check_flags, check_model_flags, check_outdir, custom_args, requests_of
-    from .engine import Engine
-    from .images import ensure_writable, file_hash
-    from .manifest import settings_key
-    from .model import resolve_model
-    from .outputs import metadata
-    from .pipeline import weight_dtype
+def check_options(options: Options) -> None:
+    """What only the cluster's own options can get wrong, before anything is resolved."""
+    device = options.device or ""
+    if device == "meta" or device.startswith("cuda:"):
+        raise RequestError(f"--device {options.device} does not go with --ray: each worker uses the GPU Ray gives it "
+                           "(or --device cpu); --device meta plans a run in this process")
+    if options.workers is not None and options.workers < 1:
+        raise RequestError(f"--workers must be at least 1, got {options.workers}")
 
-    check_flags(args)
-    if args.device == "meta" or (args.device or "").startswith("cuda:"):
-        raise UsageError(f"--device {args.device} does not go with --ray: each worker uses the GPU Ray gives it "
-                         "(or --device cpu); --device meta plans a run in this process")
-    if args.workers is not None and args.workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {args.workers}")
-    spec = resolve_model(args.ckpt, args.config, demo=args.demo, device="cpu", precision=args.precision, ema=args.ema,
-                         **custom_args(args))
-    check_model_flags(args, spec.cfg)
-    meta = torch.device("meta")  # plans a CUDA worker's memory, as --device meta does
-    # a CUDA worker without --precision takes its card's default (upcast on a GTX 16xx): planned as autocast
-    planned = args.precision or "autocast"
-    worker = spec if args.device == "cpu" else replace(spec, device=meta, precision=planned,
-                                                       dtype=weight_dtype(meta, planned))
-    requests = requests_of(args, worker, log)  # the worker's defaults (--unet_bs)
-    check_outdir(args.outdir)
+
+def worker_spec(spec, options: Options, precision: str | None):
+    """The spec a worker renders with: the driver's CPU spec, or for a CUDA worker, planned on meta
+    as --device meta plans (`precision` None: autocast; a GTX 16xx card's own default may differ)."""
+    from ..engine.pipeline import weight_dtype
+
+    if options.device == "cpu":
+        return spec
+    meta, planned = torch.device("meta"), precision or "autocast"
+    return replace(spec, device=meta, precision=planned, dtype=weight_dtype(meta, planned))
+
+
+def prepare(spec, worker, requests: list, model: dict, options: Options, precision: str | None = None,
+            ema: bool = False) -> Prepared:
+    """Everything a single-process run checks before its first image, for a cluster run: `requests`
+    completed for `worker` (`worker_spec`), each planned (a --vram budget too small for the size is an
+    error before any worker starts), the output folder writable, metadata and manifest keys made."""
+    from ..engine.engine import Engine
+    from ..model.hashes import file_hash
+    from ..outputs.images import check_outdir, ensure_writable
+    from ..outputs.manifest import settings_key
+    from ..outputs.writer import metadata
+
+    check_outdir(options.outdir)
     planner = Engine(worker)
     for r in requests:
-        planner.plan(r)  # a --vram budget too small for the size: an error before any worker starts
-    ensure_writable(args.outdir)
+        planner.plan(r)
+    ensure_writable(options.outdir)
     checkpoint_hash = file_hash(spec.ckpt)
     metas = [metadata(r, spec, checkpoint_hash) for r in requests]
-    keys = [settings_key(r, m, spec.cfg, args.precision, args.ema, args.format) for r, m in zip(requests, metas)]
-    return Prepared(spec, requests, metas, keys, checkpoint_hash)
+    keys = [settings_key(r, m, spec.cfg, precision, ema, options.fmt) for r, m in zip(requests, metas)]
+    return Prepared(spec, requests, metas, keys, checkpoint_hash, model, options)
 
 
-def generate(args, log) -> dict:
-    """`cli.generate` with `--ray`: the whole run on the cluster; returns its figures (`--json`)."""
-    import sys
-
+def warn(message: str) -> None:
+    """A line on stderr that clears the progress bar first."""
     from tqdm import tqdm
 
-    from .cli import UsageError, warn
-    from .delivery import Delivery
-    from .manifest import Manifest
-    from .model import DEMO_CONFIG, ROOT
+    tqdm.write(message, file=sys.stderr)
 
-    if args.ray is None:
-        raise UsageError("--workers goes with --ray (the workers of a Ray cluster); add --ray or drop --workers")
+
+def generate(run: Prepared, log) -> dict:
+    """A prepared run (`prepare`) rendered on the cluster; returns its figures (`--json`)."""
+    from tqdm import tqdm
+
+    from ..outputs.delivery import Delivery
+    from ..outputs.manifest import Manifest
+
     ray = import_ray()
-    run = prepare(args, log)
+    o = run.options
     requests, spec = run.requests, run.spec
-    model = dict(ckpt=str(spec.ckpt.resolve()), precision=args.precision, ema=args.ema, demo=args.demo,
-                 adapter_scale=args.adapter_scale, **spec.custom.arguments(),
-                 config=str(Path(args.config).resolve()) if args.config else str(ROOT / DEMO_CONFIG) if args.demo else None)
-    say = lambda m: tqdm.write(m, file=sys.stderr if args.json else sys.stdout)  # noqa: E731 (above the bar)
-    with Manifest.open(args.outdir) as manifest:
+    say = lambda m: tqdm.write(m, file=sys.stderr if o.quiet_stdout else sys.stdout)  # noqa: E731 (above the bar)
+    with Manifest.open(o.outdir) as manifest:
         if manifest.dropped:
             warn(f"note: {manifest.dropped} unreadable line(s) of the manifest ignored (a run killed while writing it)")
         for note in manifest.settled:
             warn(f"note: {note}")
-        delivery = Delivery(args.outdir, requests, run.metas, run.keys, manifest, fmt=args.format,
-                            skip_save=args.skip_save, skip_grid=args.skip_grid, n_rows=args.n_rows)
+        delivery = Delivery(o.outdir, requests, run.metas, run.keys, manifest, fmt=o.fmt,
+                            skip_save=o.skip_save, skip_grid=o.skip_grid, n_rows=o.n_rows)
         delivery.start()  # grids of requests whose images are all on disk
         jobs, skipped = delivery.jobs(), delivery.skipped
         if not jobs:
-            log(f"nothing to render: all {skipped} images of this run are in {args.outdir} already (skipped {skipped})"
+            log(f"nothing to render: all {skipped} images of this run are in {o.outdir} already (skipped {skipped})"
                 + (f"; wrote {delivery.grids} grid(s) from them" if delivery.grids else ""))
             return dict(images=0, skipped=skipped, workers=0, grids=delivery.grids)
-        log(f"seed: {requests[0].seed}" + ("" if args.seed is not None else f" (give --seed {requests[0].seed} to resume)")
+        log(f"seed: {requests[0].seed}" + ("" if o.seed_given else f" (give --seed {requests[0].seed} to resume)")
             + f"; checkpoint: {spec.ckpt}"
-            + (f"; skipping {skipped} images already in {args.outdir}, rendering {delivery.to_render}" if skipped else ""))
-        started, workers = connect(args.ray or None), []
+            + (f"; skipping {skipped} images already in {o.outdir}, rendering {delivery.to_render}" if skipped else ""))
+        started, workers = connect(o.address or None), []
         try:
-            count, options, device = _worker_plan(ray, args)
+            count, options, device = _worker_plan(ray, o)
             remote, tag = ray.remote(RenderWorker), os.urandom(4).hex()  # a killed run's names may linger a moment
             workers = [remote.options(name=WORKER_NAME.format(k, tag), max_restarts=MAX_RESTARTS, max_task_retries=0,
-                                      **options).remote(dict(model, device=device)) for k in range(count)]
+                                      **options).remote(dict(run.model, device=device)) for k in range(count)]
             log(f"ray: {count} worker(s) on {device}, " + (f"{options['num_cpus']} CPU(s) each" if device != "cuda" else "one GPU each"))
             with tqdm(total=delivery.to_render, unit="image", desc=f"rendering on {count} worker(s)") as bar:
-                shared = ray.put(dict(requests=requests, metas=run.metas, fmt=args.format, files=not args.skip_save,
-                                      pixels=not args.skip_grid))
+                shared = ray.put(dict(requests=requests, metas=run.metas, fmt=o.fmt, files=not o.skip_save,
+                                      pixels=not o.skip_grid))
                 stats, seconds = _run(ray, workers, jobs, shared, delivery, bar, run, say)
         finally:
             for w in workers:
@@ -234,31 +256,29 @@ def generate(args, log) -> dict:
     for line in stats.notes():
         warn(line)
     dirs = list(dict.fromkeys(delivery.dirs))
-    where = dirs[0] if len(dirs) == 1 else f"{len(dirs)} folders under {args.outdir}"
-    log(f"wrote {delivery.written} images{'' if args.skip_grid else f' and {delivery.grids} grid(s)'} to {where}; "
+    where = dirs[0] if len(dirs) == 1 else f"{len(dirs)} folders under {o.outdir}"
+    log(f"wrote {delivery.written} images{'' if o.skip_grid else f' and {delivery.grids} grid(s)'} to {where}; "
         f"{stats.images} rendered in {seconds:.1f} s from the first worker ready ({rate:.2f} images/s on {count} "
         f"worker(s))" + (f"; skipped {skipped} already there" if skipped else ""))
     return figures
 
 
-def _worker_plan(ray, args) -> tuple[int, dict, str]:
+def _worker_plan(ray, args: Options) -> tuple[int, dict, str]:
     """(workers, Ray actor options, their --device): one per GPU of the cluster (or --workers N of
     them); without GPUs, or with --device cpu, --workers N (default 1) sharing the CPUs."""
-    from .cli import UsageError
-
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
     if args.device == "cuda" and not gpus:
-        raise UsageError("--device cuda: the Ray cluster has no GPU; add GPU nodes or use --device cpu")
+        raise RequestError("--device cuda: the Ray cluster has no GPU; add GPU nodes or use --device cpu")
     if gpus and args.device in (None, "cuda"):
         count = args.workers or gpus
         if count > gpus:
-            raise UsageError(f"--workers {count}: the Ray cluster has {gpus} GPU(s), one per worker; "
+            raise RequestError(f"--workers {count}: the Ray cluster has {gpus} GPU(s), one per worker; "
                              f"use --workers {gpus} or fewer")
         return count, dict(num_gpus=1, num_cpus=1), "cuda"
     count = args.workers or 1
     if count > cpus:
-        raise UsageError(f"--workers {count}: the Ray cluster has {cpus} CPU(s), at least one per worker; "
+        raise RequestError(f"--workers {count}: the Ray cluster has {cpus} CPU(s), at least one per worker; "
                          f"use --workers {max(1, cpus)} or fewer")
     return count, dict(num_cpus=cpus // count, scheduling_strategy="SPREAD"), args.device or "cpu"
 
@@ -268,8 +288,7 @@ def _run(ray, workers: list, jobs: list, shared, delivery, bar, run: Prepared, l
     jobs deep; a lost job goes back to the head of the queue and its worker is taken up again once Ray
     has restarted it (up to `MAX_RESTARTS` times). Returns the workers' figures summed (`RunStats`) and
     the seconds from the first worker ready to the last image delivered."""
-    from .cli import warn
-    from .engine import RunStats
+    from ..engine.engine import RunStats
 
     pending, left = deque(jobs), len(jobs)
     ready, held = [], Counter()  # workers taking jobs; jobs each holds

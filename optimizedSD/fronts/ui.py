@@ -17,13 +17,13 @@ import gradio as gr
 import torch
 from PIL import Image
 
-from .customize import lora_names, with_tag
-from .engine import Cancelled, Engine, RunStats, memory_line
-from .images import OutputError, ensure_writable
-from .infotext import WEBUI_SAMPLERS, parse, read_parameters, request_fields
-from .outputs import RequestWriter, metadata
-from .request import MEMORY_MODES, UI_LABELS as L, Request, RequestError, with_defaults
-from .samplers import SAMPLERS
+from ..engine.customize import lora_names, with_tag
+from ..engine.engine import Cancelled, Engine, RunStats, memory_line
+from ..outputs.images import OutputError, ensure_writable
+from ..outputs.infotext import WEBUI_SAMPLERS, parse, read_parameters, request_fields
+from ..outputs.writer import RequestWriter, metadata
+from ..engine.request import MEMORY_MODES, UI_LABELS as L, Request, RequestError, with_defaults
+from ..sampling.samplers import SAMPLERS
 
 RENDER = "render"  # the concurrency id every render shares: one at a time on the device
 TABS = {"txt2img": "txt2img", "img2img": "img2img", "inpaint": "Inpainting", "info": "PNG info"}

@@ -1,4 +1,4 @@
-"""Short hashes of LoRA, embedding and VAE files as AUTOMATIC1111's webui writes them into `parameters`,
+"""Short hashes of checkpoint, LoRA, embedding and VAE files as AUTOMATIC1111's webui writes them into `parameters`,
 so that tools reading webui infotext (and model-sharing sites) recognise the files.
 
 - LoRA: the first 12 hex digits of the SHA-256 of the file; for a .safetensors file, of its tensor
@@ -11,9 +11,11 @@ Names lose their `:` and `,`, as the webui strips them, so the list stays parsea
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 _BLOCK = 1 << 20
+HASH_CHUNK = 1 << 20  # file_hash reads this much from each end of the file
 
 
 def sha256_of(path: str | Path, skip_safetensors_header: bool = False) -> str:
@@ -44,3 +46,19 @@ def vae_hash(path: str | Path) -> str:
 def hash_list(named: list[tuple[str, str]]) -> str:
     """[(name, hash)] -> `name: hash, name2: hash2`, names without `:` and `,` (webui infotext)."""
     return ", ".join(f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in named)
+
+
+def file_hash(path: str | os.PathLike, chunk: int = HASH_CHUNK) -> str:
+    """Short, cheap fingerprint of a (multi-GB) checkpoint: the first 8 hex chars of
+    sha256(decimal size + b"\\n" + first `chunk` bytes + last `chunk` bytes), the two ends not
+    overlapping for files under 2 * chunk (such files are hashed whole). Reads at most 2 MiB.
+    Our own scheme: not comparable with the "Model hash" of other tools.
+    """
+    size = os.path.getsize(path)
+    h = hashlib.sha256(f"{size}\n".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(chunk))
+        if size > chunk:
+            f.seek(max(size - chunk, chunk))
+            h.update(f.read())
+    return h.hexdigest()[:8]

@@ -98,7 +98,7 @@ class ResBlock(TimestepBlock):
                                         nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = (nn.Identity() if out_channels == channels
                                 else nn.Conv2d(channels, out_channels, 1))
-        self.adapter = None  # arXiv 2303.18181's ResBlock adapter (adapters.py), when the config has one
+        self.adapter = None  # hook point: arXiv 2303.18181's ResBlock adapter (custom/adapters.py attaches it)
 
     def forward(self, x, emb):
         at = None if self.adapter is None else self.adapter.tap()
@@ -158,7 +158,7 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.attn2 = CrossAttention(dim, heads, dim_head, context_dim)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.adapter_inout = None  # arXiv 2303.18181's adapter (adapters.py), when the config has one
+        self.adapter_inout = None  # hook point: arXiv 2303.18181's adapter (custom/adapters.py attaches it)
 
     def forward(self, x, context):
         if self.adapter_inout is None:
@@ -209,13 +209,6 @@ def _transformer(cfg: UNetConfig, ch: int) -> SpatialTransformer:
     return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim)
 
 
-def _attach_adapters(half: nn.Module, cfg: UNetConfig) -> None:
-    if cfg.adapters is not None:
-        from .adapters import attach_adapters
-
-        attach_adapters(half, cfg.adapters, cfg.context_dim)
-
-
 def _input_channels(cfg: UNetConfig) -> list[int]:
     """Channel count of every skip connection the input half emits, in order."""
     chans = [cfg.model_channels]
@@ -262,7 +255,6 @@ class UNetInput(nn.Module):
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, emb_dim, ch), _transformer(cfg, ch), ResBlock(ch, emb_dim, ch))
         self.model_channels = mc
-        _attach_adapters(self, cfg)
 
     def steps(self):
         """(child name, step(carry)) of every block, in the order they run."""
@@ -311,7 +303,6 @@ class UNetOutput(nn.Module):
                 blocks.append(TimestepEmbedSequential(*layers))
         self.output_blocks = nn.ModuleList(blocks)
         self.out = nn.Sequential(GroupNorm32(32, ch), inplace.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
-        _attach_adapters(self, cfg)
 
     def steps(self):
         """(child name, step(carry)) of every block, in the order they run."""

@@ -13,15 +13,14 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 from .images import OutputError, slugify
 from .manifest import Manifest
-from .outputs import RequestWriter
-from .request import Request
+from .writer import RequestWriter
+from ..engine.request import Request
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ SD tools write and read (`infotext.parameters_text`, AUTOMATIC1111's webui forma
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -22,8 +21,6 @@ import tempfile
 import unicodedata
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -32,7 +29,6 @@ from .infotext import parameters_text
 SLUG_MAX_CHARS = 150  # as the original optimizedSD: "_".join(prompt.split())[:150]
 SLUG_MAX_BYTES = 200  # UTF-8; NAME_MAX is 255 bytes on most filesystems, non-ASCII is 2-4 bytes/char
 SLUG_FALLBACK = "untitled"
-HASH_CHUNK = 1 << 20  # file_hash reads this much from each end of the file
 JPEG_QUALITY = 95
 _MAX_TRIES = 100_000  # numbers tried past the scan before giving up (only a broken FS gets here)
 
@@ -73,21 +69,6 @@ def slugify(prompt: str, max_chars: int = SLUG_MAX_CHARS) -> str:
     return s
 
 
-def to_pil(x: torch.Tensor) -> list[Image.Image]:
-    """Decoded VAE batch (B, 3, H, W) in [-1, 1], any float dtype/device → B RGB images.
-
-    Math in float32 on the CPU: round(clamp((x + 1) / 2, 0, 1) * 255) (round half to even,
-    so 0 → 127.5 → 128); ±inf clamp, NaN (e.g. an fp16 VAE overflow) counts as 0 (grey 128).
-    The caller's tensor is not modified.
-    """
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"to_pil expects a (B, 3, H, W) batch, got shape {tuple(x.shape)}")
-    x = x.detach().to(device="cpu", dtype=torch.float32)
-    x = torch.nan_to_num((x + 1) / 2, nan=0.5).clamp(0, 1)
-    arr = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
-    return [Image.fromarray(np.ascontiguousarray(a), mode="RGB") for a in arr]
-
-
 def make_grid(images: list[Image.Image], n_rows: int | None = None) -> Image.Image:
     """Tile equal-size images, `n_rows` per row (CompVis `--n_rows`, which is torchvision's
     `make_grid(nrow=...)`: images per row; default all in one row), no padding, left to right,
@@ -106,20 +87,16 @@ def make_grid(images: list[Image.Image], n_rows: int | None = None) -> Image.Ima
     return grid
 
 
-def file_hash(path: str | os.PathLike, chunk: int = HASH_CHUNK) -> str:
-    """Short, cheap fingerprint of a (multi-GB) checkpoint: the first 8 hex chars of
-    sha256(decimal size + b"\\n" + first `chunk` bytes + last `chunk` bytes), the two ends not
-    overlapping for files under 2 * chunk (such files are hashed whole). Reads at most 2 MiB.
-    Our own scheme: not comparable with the "Model hash" of other tools.
-    """
-    size = os.path.getsize(path)
-    h = hashlib.sha256(f"{size}\n".encode())
-    with open(path, "rb") as f:
-        h.update(f.read(chunk))
-        if size > chunk:
-            f.seek(max(size - chunk, chunk))
-            h.update(f.read())
-    return h.hexdigest()[:8]
+def check_outdir(outdir: str) -> None:
+    """Fail early, without creating anything, if OUTDIR cannot be created or written."""
+    path = Path(outdir).absolute()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"cannot create output directory {outdir}: {probe} is a file; choose another --outdir")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"output directory {probe} is not writable; choose another --outdir")
 
 
 def ensure_writable(path: str | os.PathLike) -> Path:

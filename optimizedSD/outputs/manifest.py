@@ -30,7 +30,7 @@ from pathlib import Path
 from PIL import Image
 
 from .images import _GRID_RE, _IMAGE_RE, OutputError
-from .request import Request
+from ..engine.request import Request
 
 NAME = ".optimizedSD-manifest.jsonl"
 

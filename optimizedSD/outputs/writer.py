@@ -11,13 +11,13 @@ from pathlib import Path
 from PIL import Image
 
 from .images import ImageWriter
-from .request import Request
+from ..engine.request import Request
 
 
 def metadata(r: Request, spec, checkpoint_hash: str | None) -> dict:
     """What a completed request's images record besides prompt, seed and size (the writer's), made with
     the model of `spec` (`model.ModelSpec`): its LoRAs, embeddings, VAE and adapters too."""
-    from .customize import custom_metadata
+    from ..engine.customize import custom_metadata
 
     checkpoint = spec.ckpt
     meta = dict(negative_prompt=r.negative_prompt, steps=r.steps, sampler=r.sampler_name(), scale=r.scale,

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 PROMPT = "a photograph of an astronaut riding a horse"
 SEED, SCALE = 0, 7.5
 TOOLS = ("ours", "diffusers")
@@ -46,8 +46,8 @@ def write_diffusers_folder(ckpt: str, config: str | None, folder: str) -> None:
     from diffusers import DDIMScheduler
     from reference import sd_pipeline, sd_v1_scheduler_config
 
-    from optimizedSD.checkpoint import read_state
-    from optimizedSD.config import SDConfig
+    from optimizedSD.model.checkpoint import read_state
+    from optimizedSD.model.config import SDConfig
 
     cfg = SDConfig.from_yaml(config) if config else SDConfig()
     schedule = {k: v for k, v in sd_v1_scheduler_config().items() if k != "skip_prk_steps"}  # a PNDM option
@@ -69,7 +69,7 @@ def diffusers_txt2img(folder: str, size: int, steps: int, out: str) -> None:
 
 
 def _child(call: str) -> list[str]:
-    return [sys.executable, "-c", f"from optimizedSD.bench_vs_diffusers import *; {call}"]
+    return [sys.executable, "-c", f"from optimizedSD.tools.bench_vs_diffusers import *; {call}"]
 
 
 def _ours(ckpt: str, config: str | None, size: int, steps: int, precision: str, outdir: str) -> list[str]:

@@ -1,6 +1,6 @@
 """Train the demo model: a tiny SD v1 (same code, smaller widths) on `demo_data`'s synthetic scenes.
 
-    python optimizedSD/train_demo.py            # writes weights/demo.safetensors and configs/demo.yaml
+    python -m optimizedSD.tools.train_demo            # writes weights/demo.safetensors and configs/demo.yaml
 
 Seeded and CPU-only. Two stages, as latent diffusion is trained:
 1. the KL autoencoder (f=8) on 64x64 scenes: MSE + L1 reconstruction plus a 1e-6-weighted KL term;
@@ -25,26 +25,26 @@ import time
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: import this folder as the package `optimizedSD`
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from optimizedSD.config import SDConfig, TextConfig, UNetConfig, VAEConfig
-from optimizedSD.demo_data import all_scenes, render
-from optimizedSD.fragments import TEXT_ENCODER, UNET_IN, UNET_OUT, VAE, build_fragments, checkpoint_key
-from optimizedSD.samplers import Schedule
-from optimizedSD.tokenizer import get_tokenizer
+from optimizedSD.model.config import SDConfig, TextConfig, UNetConfig, VAEConfig
+from optimizedSD.tools.demo_data import all_scenes, render
+from optimizedSD.model.fragments import TEXT_ENCODER, UNET_IN, UNET_OUT, VAE, build_fragments, checkpoint_key
+from optimizedSD.sampling.samplers import Schedule
+from optimizedSD.model.tokenizer import get_tokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 DEMO_CONFIG = SDConfig(
     unet=UNetConfig(model_channels=64, attention_resolutions=(1, 2, 4), num_res_blocks=1, channel_mult=(1, 1, 2),
                     num_heads=4, context_dim=64),
     vae=VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
     text=TextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
 )
-HEADER = ("# The demo model's config, written by optimizedSD/train_demo.py (same architecture family as SD v1,\n"
+HEADER = ("# The demo model's config, written by optimizedSD/tools/train_demo.py (same architecture family as SD v1,\n"
           "# smaller widths and depths). Use with weights/demo.safetensors, or simply --demo.\n")
 
 
