@@ -31,6 +31,7 @@ from torch import nn
 from ..model.config import SDConfig
 from ..model.fragments import fragment_of
 from ..model.hashes import hash_list, lora_hash
+from ..model.paths import is_inside, name_problem
 from ..model.weights_file import PICKLES, SAFETENSORS, read_tensors
 
 UNET_NAME, TEXT_NAME = "model.diffusion_model.", "cond_stage_model.transformer.text_model."  # checkpoint prefixes
@@ -373,14 +374,22 @@ def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
 
 def find_lora(name: str, dirs) -> Path:
     """The file for `<lora:NAME:...>`: NAME plus a LoRA suffix, in the first of `dirs` that has it
-    (directly, else in a subfolder)."""
+    (directly, else in a subfolder). NAME comes from a prompt or a request, so it resolves only inside
+    `dirs`: no absolute path, no `..`, no symlink leading out (`--lora PATH` may name any file)."""
+    where = ", ".join(str(d) for d in dirs)
+    problem = name_problem(name)
+    if problem:
+        raise LoraError(f"LoRA name {name!r} {problem}: <lora:NAME> names a file inside the LoRA folders "
+                        f"({where}); pass --lora PATH for a file elsewhere")
     for folder in map(Path, dirs):
         for pattern in ("{}{}", "**/{}{}"):
             for suffix in LORA_SUFFIXES:
                 hits = sorted(folder.glob(pattern.format(_glob_escape(name), suffix))) if folder.is_dir() else []
-                if hits:
-                    return hits[0]
-    where = ", ".join(str(d) for d in dirs)
+                for hit in hits:
+                    if not is_inside(hit, folder):
+                        raise LoraError(f"LoRA {name!r} in {folder} is a link to {hit.resolve()}, outside the "
+                                        f"LoRA folders; move the file there or pass --lora PATH")
+                    return hit
     raise LoraError(f"LoRA {name!r} not found: looked for {name}{{{','.join(LORA_SUFFIXES)}}} in {where}; "
                     f"put the file there or pass --lora_dir")
 

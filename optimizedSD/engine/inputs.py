@@ -7,6 +7,7 @@ and is binarised at half intensity: white (>= 128) is repainted, black kept.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -14,26 +15,46 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 MASK_THRESHOLD = 128  # mask pixels at or above this (of 255) are repainted
+MAX_INPUT_SIDE = 8192
+MAX_INPUT_PIXELS = MAX_INPUT_SIDE ** 2  # an init image or mask past this is refused before decoding
 
 
 class InputError(Exception):
     """An input image that cannot be used; the message names the file and the fix."""
 
 
-def open_image(path: str | Path, what: str) -> Image.Image:
-    """The image at `path`, fully read (so a truncated file fails here, not later)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{what} not found: {path}; check the path")
+def open_image(source: str | Path | bytes, what: str) -> Image.Image:
+    """The image at `source` (a path, or the bytes of an image file), fully read (so a truncated file
+    fails here, not later). An image of more than MAX_INPUT_PIXELS is refused from its header, before
+    it is decoded."""
+    if isinstance(source, (bytes, bytearray)):
+        name, opened = f"({len(source)} bytes)", io.BytesIO(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise InputError(f"{what} not found: {path}; check the path")
+        name, opened = str(path), path
     try:
-        with Image.open(path) as im:
+        with Image.open(opened) as im:
+            check_pixels(im.size, f"{what} {name}")
             im.load()
             return im.copy()
+    except Image.DecompressionBombError:  # PIL's own guard, past twice its MAX_IMAGE_PIXELS
+        raise InputError(f"{what} {name} is larger than {MAX_INPUT_PIXELS:,} pixels "
+                         f"({MAX_INPUT_SIDE}x{MAX_INPUT_SIDE}); scale it down first") from None
     except UnidentifiedImageError:
-        raise InputError(f"{what} {path} is not an image PIL can read; use a png, jpg or webp file") from None
+        raise InputError(f"{what} {name} is not an image PIL can read; use a png, jpg or webp file") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"cannot read {what} {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+        raise InputError(f"cannot read {what} {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
                          f"the file may be truncated or corrupt") from None
+
+
+def check_pixels(size: tuple[int, int], what: str) -> None:
+    """Refuse an image of more than MAX_INPUT_PIXELS (from its size alone)."""
+    w, h = size
+    if w * h > MAX_INPUT_PIXELS:
+        raise InputError(f"{what} is {w}x{h}, more than {MAX_INPUT_PIXELS:,} pixels ({MAX_INPUT_SIDE}x"
+                         f"{MAX_INPUT_SIDE}); scale it down first")
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -59,6 +80,8 @@ def resized(im: Image.Image, size: tuple[int, int]) -> Image.Image:
 def load_mask(mask: str | Path | Image.Image, size: tuple[int, int]) -> tuple[Image.Image, bool]:
     """(mask, a file or an image, as a binary "L" image of `size`: 255 repaint, 0 keep; whether it
     had to be resized)."""
+    if isinstance(mask, Image.Image):
+        check_pixels(mask.size, "mask")
     im = mask if isinstance(mask, Image.Image) else open_image(mask, "mask")
     gray = im.convert("RGBA").convert("L") if im.mode == "P" else im.convert("L")
     was = gray.size

@@ -269,7 +269,7 @@ def _number(v, label: str, low: float | None = None) -> None:
 def _read_images(r: Request, f: int, labels: dict, notify) -> Request:
     """img2img/inpaint: the init image as RGB and the mask as binary "L", both at the run's size;
     the size defaults to the image's, rounded down to a multiple of `f`."""
-    from .inputs import InputError, default_size, load_mask, open_image, resized, to_rgb
+    from .inputs import InputError, check_pixels, default_size, load_mask, open_image, resized, to_rgb
 
     if r.init_image is None:
         return r
@@ -280,6 +280,8 @@ def _read_images(r: Request, f: int, labels: dict, notify) -> Request:
     r = replace(r, **names)
     try:
         image = r.init_image
+        if isinstance(image, Image.Image):  # decoded by a front (the UI, the API): still held to the limit
+            check_pixels(image.size, "init image")
         image = to_rgb(open_image(image, "init image") if not isinstance(image, Image.Image) else image)
         w, h = default_size(image, f)
         width, height = (w if r.width is None else r.width), (h if r.height is None else r.height)

@@ -284,13 +284,19 @@ def generate(args) -> dict:
     if not spec.planning:
         ensure_writable(args.outdir)
     stats, dirs, written = RunStats(), [], 0
-    for r in requests:
+    total = sum(len(r.seeds) for r in requests)
+    # One bar over the whole run (prompts x images: done/total, ETA) when it has more than one batch,
+    # the sampling steps of the current batch beneath it.
+    single_batch = len(requests) == 1 and requests[0].n_iter == 1
+    overall = tqdm(total=total, unit="image", position=0, dynamic_ncols=True, disable=spec.planning or single_batch)
+    for k, r in enumerate(requests):
+        overall.set_description(f"prompt {k + 1}/{len(requests)}")
         writer = None
         if not spec.planning:
             writer = RequestWriter(args.outdir, r, metadata(r, spec, engine.checkpoint_hash), fmt=args.format,
                                    skip_save=args.skip_save, skip_grid=args.skip_grid, n_rows=args.n_rows)
         with tqdm(total=None, desc=f"sampling seeds {r.seeds[0]}-{r.seeds[-1]}", leave=False,
-                  disable=spec.planning) as bar:
+                  position=0 if overall.disable else 1, dynamic_ncols=True, disable=spec.planning) as bar:
             def on_step(done, total, bar=bar):
                 bar.total = total
                 bar.update(done - bar.n)
@@ -298,9 +304,11 @@ def generate(args) -> dict:
             for batch in engine.render(r, on_step=on_step, stats=stats):
                 for item in batch:
                     written += writer.add(item.image, item.seed) is not None
+                overall.update(len(batch))
         if writer:
             writer.finish()
             dirs.append(str(writer.dir))
+    overall.close()
     figures = stats.figures(spec.device, first.width, first.height)
     for line in stats.notes():
         warn(line)

@@ -18,3 +18,24 @@ DEFAULT_EMBEDDINGS_DIR = Path("embeddings")
 def bases() -> list[Path]:
     """The folders default locations are looked for under: the working directory, then `ROOT`."""
     return list(dict.fromkeys([Path.cwd(), ROOT]))
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` (from a prompt or a request: `<lora:NAME>`, a model or VAE name) cannot name a file
+    inside a configured folder, or None: it must be relative and must not climb out with `..`."""
+    if not name or not name.strip():
+        return "is empty"
+    if Path(name).is_absolute() or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return "is an absolute path"
+    if any(part == ".." for part in Path(name.replace("\\", "/")).parts):
+        return "climbs out of its folder with '..'"
+    return None
+
+
+def is_inside(path: Path, folder: Path) -> bool:
+    """Whether `path`, symlinks followed, is within `folder` (symlinks followed too)."""
+    try:
+        Path(path).resolve().relative_to(Path(folder).resolve())
+        return True
+    except ValueError:
+        return False
