@@ -40,6 +40,7 @@ class Rendered:
     seed: int
     index: int
     request: Request
+    meta: dict = field(default_factory=dict)  # what this image's metadata adds to the request's (safety check)
 
 
 @dataclass
@@ -137,6 +138,10 @@ class Engine:
             fragments = load_fragments(self.spec.ckpt, self.cfg, names=FRAGMENTS, dtype=self.spec.dtype,
                                        ema=self.spec.ema, channels_last=channels_last(self.device))
             self.tokenizer = self._customize(fragments)
+            if self.spec.fp8:  # after the adapters (kept as they are), before any patch or offload engine
+                from ..model.fp8 import store_fragments_fp8
+
+                store_fragments_fp8(fragments, self.spec.fp8)
         except CheckpointError as e:
             raise RequestError(str(e)) from None
         self.fragments = fragments
@@ -166,6 +171,14 @@ class Engine:
         if channels_last(self.device):  # as the checkpoint's were loaded: a separate VAE's, the adapters'
             for name in (UNET_IN, UNET_OUT, VAE):
                 fragments[name].to(memory_format=torch.channels_last)  # the 4-d (conv) weights; no copy if so already
+        if custom.safety_checker is not None:  # one more fragment (model/safety.py), never resident
+            from ..custom.safety_file import SafetyError, load_safety_checker
+            from ..model.safety import SAFETY
+
+            try:
+                fragments[SAFETY] = load_safety_checker(custom.safety_checker, self.spec.dtype)
+            except SafetyError as e:
+                raise RequestError(str(e)) from None
         if custom.embeddings:
             return TextualInversion(fragments[TEXT_ENCODER], get_tokenizer(), list(custom.embeddings)).tokenizer
         return None
@@ -201,7 +214,8 @@ class Engine:
                                                lowvram=r.memory == "lowvram", vram=budget, unet_bs=r.unet_bs,
                                                height=r.height, width=r.width, n_samples=r.n_samples,
                                                guided=r.guided, encode=r.kind != "txt2img",
-                                               precision=self.spec.precision, sampler=r.sampler)
+                                               precision=self.spec.precision, sampler=r.sampler, fp8=self.spec.fp8,
+                                               safety=self.spec.custom.safety)
             except PlanError as e:
                 raise RequestError(str(e)) from None
         return self._plans[key]
@@ -210,7 +224,7 @@ class Engine:
         from .offload import unet_units
         from .planner import _meta_fragments, describe
 
-        fragments = self.fragments or _meta_fragments(self.cfg, self.spec.dtype)
+        fragments = self.fragments or _meta_fragments(self.cfg, self.spec.dtype, self.spec.fp8)
         return describe(plan, len(unet_units(fragments)))
 
     def _pipeline(self, plan):
@@ -269,6 +283,7 @@ class Engine:
         self._use_loras(request_loras(r, self.cfg, self.spec.custom.lora_dirs))
         pipe = self._pipeline(plan)
         pipe.long_prompts = r.long_prompts
+        pipe.prompt_syntax, pipe.clip_skip, pipe.pad_conds = r.prompt_syntax, r.clip_skip, r.pad_conds
         engine = self._engine
         engine.peaks, engine.phase_bytes, engine.setup_bytes = {}, {}, {}
         settings = SampleSettings(sampler=r.sampler, steps=r.steps, scale=r.scale, eta=r.eta, karras=r.karras)
@@ -319,10 +334,11 @@ class Engine:
                     del latents  # the next batch must not find this one's latents on the device (as planned)
                     if r.kind == "inpaint":  # the unmasked pixels are the init image's, exactly
                         images = [paste_back(im, r.init_image, r.mask) for im in images]
+                    images, metas = self._safety_check(pipe, images, chunk)
                     base = it * r.n_samples + done
                     done += len(chunk)
                     stats.images += len(chunk)
-                    yield [Rendered(im, s, base + j, r) for j, (im, s) in enumerate(zip(images, chunk))]
+                    yield [Rendered(im, s, base + j, r, m) for j, (im, s, m) in enumerate(zip(images, chunk, metas))]
         finally:
             stats.seconds += time.perf_counter() - start
             stats.add_peaks(engine.peaks)
@@ -356,7 +372,8 @@ class Engine:
         steps, evals = sampled_steps(self.cfg, r), model_evals(self.cfg, r)
         for size in sorted(set(sizes)):
             peaks, per_eval = predict(self.cfg, self.spec.dtype, plan, r.height, r.width, size, r.guided,
-                                      encode=r.kind != "txt2img", precision=self.spec.precision, sampler=r.sampler)
+                                      encode=r.kind != "txt2img", precision=self.spec.precision, sampler=r.sampler,
+                                      fp8=self.spec.fp8, safety=self.spec.custom.safety)
             stats.add_peaks(peaks)
             runs = r.n_iter * sizes.count(size)
             stats.sample_bytes += per_eval * evals * runs
@@ -364,6 +381,22 @@ class Engine:
         stats.images += r.n_iter * r.n_samples
         stats.seconds += time.perf_counter() - start
         stats.unet_bs, stats.images_at_once, stats.tiled_vae = plan.unet_bs, batch, plan.tile
+
+    def _safety_check(self, pipe, images: list, seeds: list[int]) -> tuple[list, list[dict]]:
+        """With a safety checker: the images, the flagged ones replaced (black, or blurred), and each
+        image's metadata (`Safety check`); the seeds flagged are said through `notify`."""
+        custom = self.spec.custom
+        if custom.safety_checker is None:
+            return images, [{} for _ in images]
+        from ..model.safety import pixel_values, replacement
+
+        flagged = pipe.safety_flags(pixel_values(images, custom.safety.image_size))
+        how = "blurred" if custom.safety_blur else "black"
+        if any(flagged):
+            self.notify(f"safety checker: seed(s) {', '.join(str(s) for s, f in zip(seeds, flagged) if f)} flagged; "
+                        f"replaced by {'a blurred image' if custom.safety_blur else 'a black image'}")
+        return ([replacement(im, custom.safety_blur) if f else im for im, f in zip(images, flagged)],
+                [{"Safety check": f"flagged, {how}" if f else "passed"} for f in flagged])
 
     # ---- out-of-memory retries ---------------------------------------------------------------
     def _smaller(self, pipe, batch_size: int, chunk: int) -> int:

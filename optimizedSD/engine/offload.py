@@ -4,14 +4,17 @@ The CPU copy of every weight is the master. Putting a unit on the device swaps e
 buffer for a device copy; taking it off puts the CPU master back and lets the device copy be
 freed, so weights never travel device -> host. Model code never calls `.to(device)`.
 
-Units: the text encoder is one unit; the VAE is two, `vae.encoder` (encoder and quant_conv: only
+Units: the text encoder is its layers (`text_encoder.layers.N`) and the rest (`text_encoder`); the VAE is two, `vae.encoder` (encoder and quant_conv: only
 img2img and inpainting use it) and `vae.decoder` (post_quant_conv and decoder); each UNet half is
 split into its blocks (`unet_in.time_embed`, `unet_in.input_blocks.0` ... `unet_in.middle_block`,
-`unet_out.output_blocks.0` ... `unet_out.out`), in the order they run.
+`unet_out.output_blocks.0` ... `unet_out.out`), in the order they run. A ControlNet (fragment
+`controlnet0`, `controlnet1`, ...) is split the same way, each block (`controlnet0.input_blocks.3`:
+the block and its zero conv) just before the UNet input-half block it mirrors (`unet_units`), so it
+streams, prefetches and stays resident (--turbo, a --vram prefix) as the UNet's blocks do.
 
 Modes (which units stay on the device during a phase is data: `RESIDENT[mode][phase]`):
 - "default": the four fragments, one on the device at a time; each UNet half visits the device
-  whole for its share of every step.
+  whole for its share of every step (the ControlNets acting at the step with the input half).
 - "turbo": both UNet halves stay on the device for the whole sampling loop.
 - "stream": the UNet units in `resident` stay for the sampling loop; every other UNet block is
   streamed: put on the device when the pipeline enters it (`block(unit)`) and dropped when it leaves,
@@ -34,7 +37,7 @@ from torch import nn
 from ..model.fragments import FRAGMENTS, TEXT_ENCODER, UNET_IN, UNET_OUT, VAE
 from .memory import NullMeter
 
-PHASES = ("text", "sample", "decode", "encode")
+PHASES = ("text", "sample", "decode", "encode", "safety")  # safety: the safety checker, after decoding, if any
 UNET_HALVES = (UNET_IN, UNET_OUT)
 # The VAE's two units and the children each moves.
 VAE_ENCODER, VAE_DECODER = f"{VAE}.encoder", f"{VAE}.decoder"
@@ -49,21 +52,47 @@ RESIDENT = {
     "stream": {"text": (TEXT_ENCODER,), "sample": (), "decode": (VAE_DECODER,), "encode": (VAE_ENCODER,)},
 }
 MODES = tuple(RESIDENT)
+# ControlNets are fragments named controlnet0, controlnet1, ... (`control_fragments`): each of their
+# blocks is a unit streamed just before the UNet input-half block it mirrors (`unet_units`).
+CONTROLNET = "controlnet"
 
 
-def unet_units(fragments: dict[str, nn.Module]) -> list[tuple[str, nn.Module]]:
-    """(unit name, module) of every UNet block, in the order one step runs them."""
+def control_fragments(fragments) -> list[str]:
+    """The ControlNet fragments' names, in the order they run."""
+    names = [n for n in fragments if n.startswith(CONTROLNET) and n[len(CONTROLNET):].isdigit()]
+    return sorted(names, key=lambda n: int(n[len(CONTROLNET):]))
+
+
+def _control_units(name: str, net: nn.Module) -> list[tuple[str, str, list[nn.Module]]]:
+    """(UNet input-half step it runs before, unit name, modules) of every block of ControlNet `name`."""
+    from ..model.controlnet import unet_step_of, unit_modules as control_unit_modules
+
+    return [(unet_step_of(block), f"{name}.{block}", modules) for block, modules in control_unit_modules(net)]
+
+
+def _unet_unit_modules(fragments: dict[str, nn.Module]) -> list[tuple[str, list[nn.Module]]]:
+    """(unit, modules) of every UNet and ControlNet block, in run order: each ControlNet block just
+    before the UNet input-half block it mirrors (nets in order), as `Pipeline._unet` runs them."""
+    controls = [u for n in control_fragments(fragments) for u in _control_units(n, fragments[n])]
     out = []
     for half in UNET_HALVES:
         if half not in fragments:
             continue
         for child in UNET_BLOCK_LISTS[half]:
             module = getattr(fragments[half], child)
-            if isinstance(module, nn.ModuleList):
-                out += [(f"{half}.{child}.{i}", block) for i, block in enumerate(module)]
-            else:
-                out.append((f"{half}.{child}", module))
+            blocks = ([(f"{child}.{i}", block) for i, block in enumerate(module)] if isinstance(module, nn.ModuleList)
+                      else [(child, module)])
+            for step, block in blocks:
+                if half == UNET_IN:
+                    out += [(unit, modules) for before, unit, modules in controls if before == step]
+                out.append((f"{half}.{step}", [block]))
     return out
+
+
+def unet_units(fragments: dict[str, nn.Module]) -> list[tuple[str, nn.Module]]:
+    """(unit name, module) of every UNet block (and ControlNet block, `_unet_unit_modules`), in the
+    order one step runs them; a ControlNet block's module is its first (with its zero conv)."""
+    return [(u, ms[0] if len(ms) == 1 else nn.ModuleList(ms)) for u, ms in _unet_unit_modules(fragments)]
 
 
 def unit_modules(fragments: dict[str, nn.Module]) -> dict[str, list[nn.Module]]:
@@ -72,11 +101,22 @@ def unit_modules(fragments: dict[str, nn.Module]) -> dict[str, list[nn.Module]]:
     for name, module in fragments.items():
         if name in UNET_HALVES:
             out.update((u, [m]) for u, m in unet_units({name: module}))
+        elif name in control_fragments({name: module}):
+            out.update((u, ms) for _, u, ms in _control_units(name, module))
         elif name == VAE:
             out.update((u, [getattr(module, child) for child in children]) for u, children in VAE_UNITS.items())
+        elif name == TEXT_ENCODER:  # its layers one by one, so a clip skip leaves the last ones on the host
+            model = module.transformer.text_model
+            out[name] = [model.embeddings, model.final_layer_norm]
+            out.update((text_layer_unit(i), [layer]) for i, layer in enumerate(model.encoder.layers))
         else:
             out[name] = [module]
     return out
+
+
+def text_layer_unit(i: int) -> str:
+    """The unit of the text encoder's layer `i`."""
+    return f"{TEXT_ENCODER}.layers.{i}"
 
 
 def units_of(fragments: dict[str, nn.Module]) -> dict[str, list[str]]:
@@ -118,6 +158,7 @@ class Offloader:
         # unit -> the first streamed block after it in run order (None after the last)
         self._next_streamed = {u: next((v for v in self._order[i + 1:] if v in self._streamed), None)
                                for i, u in enumerate(self._order)}
+        self.idle: set[str] = set()  # units the current evaluation skips (not prefetched): `Pipeline._unet` sets it
         self._side = None
         if self._streamed and self.offloading and self.device.type == "cuda":
             self._pin(self._streamed)
@@ -203,8 +244,11 @@ class Offloader:
             return
         if unit in self._streamed:
             self._load(unit)
-        if self._next_streamed[unit]:
-            self._prefetch(self._next_streamed[unit])  # copied while this block computes
+        following = self._next_streamed[unit]
+        while following in self.idle:  # a ControlNet that does not act in this evaluation
+            following = self._next_streamed[following]
+        if following:
+            self._prefetch(following)  # copied while this block computes
         try:
             yield
         finally:
@@ -215,22 +259,24 @@ class Offloader:
     def _resident_units(self) -> set[str]:
         if not self._phase:
             return set()
-        units = {u for n in RESIDENT[self.mode][self._phase] for u in self._units_named(n)}
+        units = {u for n in RESIDENT[self.mode].get(self._phase, ()) for u in self._units_named(n)}
+        if self._phase == "sample" and UNET_IN in RESIDENT[self.mode]["sample"]:  # --turbo: the ControlNets too
+            units |= {u for n in control_fragments(self.fragments) for u in self._units_named(n)}
         if self._phase == "sample":
             units |= set(self.resident)
         return units
 
     @contextmanager
-    def phase(self, phase: str):
-        """Keep this mode's resident units for `phase` on the device until the phase ends; record
-        the phase's peak device memory and the bytes it moved."""
+    def phase(self, phase: str, leave: tuple[str, ...] = ()):
+        """Keep this mode's resident units for `phase` (but those in `leave`) on the device until the
+        phase ends; record the phase's peak device memory and the bytes it moved."""
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}")
         self._phase = phase
         moved, setup = self.bytes_moved, 0
         self.meter.phase_start()
         try:
-            resident = self._resident_units()
+            resident = self._resident_units() - set(leave)
             for unit in self._order + list(self._masters):  # UNet blocks in run order, then the rest
                 if unit in resident:
                     self._load(unit)
@@ -255,14 +301,19 @@ class Offloader:
         return self.units.get(name) or ([name] if name in self._masters else [])
 
     @contextmanager
-    def use(self, name: str):
+    def use(self, name: str, leave: tuple[str, ...] = (), with_controls: bool = False):
         """The fragment `name`, or the fragment holding unit `name` (e.g. `vae.decoder`) with only
         that unit, on the device for the duration of the block (streamed UNet blocks come and go
-        inside it)."""
+        inside it); the units in `leave` stay on the host (the text encoder's layers a clip skip
+        does not run). `with_controls`: the ControlNets acting now (not `idle`) come with it (the UNet
+        input half's visit in the default mode)."""
         units = self._units_named(name)
         if not units:
             raise KeyError(f"fragment {name!r} is not loaded")
-        visiting = [u for u in units if u not in self._streamed or self._phase != "sample"]
+        if with_controls:
+            units = units + [u for n in control_fragments(self.fragments) for u in self._units_named(n)
+                             if u not in self.idle]
+        visiting = [u for u in units if (u not in self._streamed or self._phase != "sample") and u not in leave]
         for u in visiting:
             self._load(u)
         try:

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from ..model.config import SDConfig
 from ..model.fragments import TEXT_ENCODER
-from .offload import UNET_HALVES, VAE_DECODER, VAE_ENCODER, Offloader
+from .conditioning import Scheduled, StepConditioned, encode_pair, schedule_steps
+from .offload import UNET_HALVES, VAE_DECODER, VAE_ENCODER, Offloader, text_layer_unit
 from ..sampling.prompts import parse_weighted
 from ..sampling.samplers import SAMPLERS, EpsDenoiser, KnownRegion, Schedule, make_plan, strength_steps, takes_noise
 from .tiling import decode_safe, decode_tiled, encode_tiled
@@ -126,11 +127,14 @@ class Pipeline:
         self.unet_bs = max(1, int(unet_bs))
         self.tile = tile  # encode and decode in overlapping tiles (tiling.py), for large images on little memory
         self.long_prompts = long_prompts  # encode prompts whole in 75-token chunks, not cut at 75 (conditioning)
+        # per request (Engine): "webui" reads emphasis, editing, BREAK (engine/conditioning.py); "plain" as written
+        self.prompt_syntax, self.clip_skip, self.pad_conds = "plain", 1, False
         self.tokenizer = tokenizer  # None: the shared CLIP tokenizer; embeddings.TextualInversion gives one with its words
         self.redone_in_fp32 = 0  # images whose fp16 decode overflowed and was redone in fp32
         self.redone_in_upcast = 0  # UNet evaluations whose fp16 output overflowed and were redone in upcast
         self.unet_evaluations = 0  # passes of a batch through the UNet (`_unet`), redos included
         self._posterior = None  # (image, mean, std) of the last image encoded (`encode`)
+        self.control = None  # engine/control.py's Control of the ControlNets of this render, or None
         self.schedule = self.schedule_of(cfg)
 
     @staticmethod
@@ -165,8 +169,7 @@ class Pipeline:
         tokenizer = self.tokenizer or get_tokenizer()
         rows = tokenizer.chunks(texts) if self.long_prompts else tokenizer(texts)[:, None]  # (T, K, 77)
         tokens = rows.flatten(0, 1).to(self.device)  # (T * K, 77): one encoder row per chunk
-        with self.engine.phase("text"), self.engine.use(TEXT_ENCODER) as encoder, self._compute(self.upcast):
-            states = encoder(tokens).float()  # (T * K, 77, hidden)
+        states = self._encode(tokens)  # (T * K, 77, hidden)
         hidden = dict(zip(texts, states.reshape(len(texts), -1, states.shape[-1])))  # text -> (K * 77, hidden)
         out = []
         for parts in parsed:
@@ -175,6 +178,28 @@ class Pipeline:
                 c = c + weight * hidden[text]
             out.append(c)
         return torch.stack(out)
+
+    def _encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token rows (R, 77) -> fp32 hidden states (R, 77, hidden) at `clip_skip`; the layers it does not
+        run stay on the host."""
+        encoder = self.engine.fragments[TEXT_ENCODER]
+        leave = tuple(text_layer_unit(i) for i in encoder.skipped_layers(self.clip_skip))
+        with self.engine.phase("text", leave), self.engine.use(TEXT_ENCODER, leave) as encoder, \
+                self._compute(self.upcast):
+            return encoder(tokens.to(self.device), self.clip_skip).float()
+
+    def prompt_pair(self, prompt: str, negative_prompt: str, settings: SampleSettings | None = None):
+        """(cond, uncond) of one prompt and its negative: (tokens, hidden) tensors, or `conditioning.Scheduled`
+        when the webui syntax edits or alternates them over the steps of `settings`."""
+        if self.prompt_syntax != "webui":
+            context = self.conditioning([prompt, negative_prompt])
+            return context[0], context[1]
+        steps = schedule_steps(settings.steps, settings.sampler) if settings else 1
+        cond, uncond = encode_pair(prompt, negative_prompt, steps, self.tokenizer or get_tokenizer(), self._encode,
+                                   pad_conds=self.pad_conds)
+        if cond.constant and uncond.constant:
+            return cond.states[0], uncond.states[0]
+        return cond, uncond
 
     # ---- UNet -------------------------------------------------------------------------------
     def eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -197,13 +222,21 @@ class Pipeline:
         x, context = self._layout(x.to(dtype)), context.to(dtype)
         chunks = [Carry(x[i:i + self.unet_bs], context[i:i + self.unet_bs], t[i:i + self.unet_bs])
                   for i in range(0, x.shape[0], self.unet_bs)]
+        control = self.control
+        if control is not None:  # the ControlNets acting now (engine/control.py), run before the blocks they mirror
+            control.evaluation(x, t, context, chunks, self.unet_bs)
         with self._compute(upcast):
             for half in UNET_HALVES:
-                with self.engine.use(half) as unet:
+                with self.engine.use(half, with_controls=control is not None and half == UNET_IN) as unet:
                     for name, step in unet.steps():
+                        for unit, run in control.steps_for(name) if control is not None and half == UNET_IN else ():
+                            with self.engine.block(unit):
+                                run()
                         with self.engine.block(f"{half}.{name}"):
                             for chunk in chunks:
                                 step(chunk)
+        if control is not None:
+            control.end_evaluation()
         return torch.cat([chunk.h for chunk in chunks]).float()
 
     def _eps_with(self, concat: torch.Tensor):
@@ -247,9 +280,18 @@ class Pipeline:
             return torch.cat([torch.randn((1, *noise.shape[1:]), generator=g) for g in generators]).to(self.device)
 
         extra = dict(cond=cond, uncond=uncond, scale=settings.scale)
+        if self.control is not None:  # the walked steps, for the nets' start/end windows
+            self.control.begin(self.schedule.t_for_sigma(sigmas[:-1]), guided=uncond is not None and settings.scale != 1.0)
         kwargs = {"noise_sampler": noise_sampler} if takes_noise(settings.sampler) else {}
         if settings.sampler == "ddim":
             kwargs["eta"] = settings.eta
+        if settings.sampler == "lcm":  # its boundary conditions take the DDPM timesteps walked
+            kwargs["timesteps"] = self.schedule.t_for_sigma(sigmas[:-1]).tolist()
+        if isinstance(cond, Scheduled) or isinstance(uncond, Scheduled):  # prompt editing: per evaluation
+            cond, uncond = (c if c is None or isinstance(c, Scheduled) else Scheduled([0], [c[0]]) for c in (cond, uncond))
+            denoiser = StepConditioned(denoiser, cond, uncond, x.shape[0], self.device)
+            extra.update((k, None if c is None else c.at(0).to(self.device).expand(x.shape[0], -1, -1))
+                         for k, c in (("cond", cond), ("uncond", uncond)))
         with self.engine.phase("sample"):
             x = SAMPLERS[settings.sampler](denoiser, x, sigmas, extra_args=extra, callback=callback, **kwargs)
         latent = plan.to_latent(x)
@@ -277,6 +319,18 @@ class Pipeline:
                 images.append(image.float())
         return torch.cat(images)
 
+    def safety_flags(self, pixels: torch.Tensor) -> list[bool]:
+        """Which of the images whose checker inputs are `pixels` (B, 3, S, S) (`model.safety.pixel_values`,
+        on the host) the safety checker flags. The checker is one unit (`model.safety.SAFETY`), on the
+        device only in its own phase, after the VAE has left it, in every memory mode (never resident)."""
+        from ..model.safety import SAFETY, flags
+
+        with self.engine.phase("safety"), self.engine.use(SAFETY) as checker, self._compute(self.upcast):
+            special, cos = checker(pixels.to(self.device, self._compute_dtype(self.upcast)))
+        if special.is_meta:  # planning: no values
+            return [False] * pixels.shape[0]
+        return flags(special, cos, checker.special_care_embeds_weights.tolist(), checker.concept_embeds_weights.tolist())
+
     def encode(self, image: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """One image (1, 3, H, W) in [-1, 1] -> scaled latents (len(generators), C, H/f, W/f): for each
         generator a sample of the VAE encoder's posterior, mean + std * randn drawn from it on the
@@ -294,12 +348,14 @@ class Pipeline:
         draws = torch.cat([torch.randn(mean.shape, generator=g) for g in generators])
         return ((mean + std * draws) * self.cfg.scale_factor).to(self.device)
 
-    def _start(self, prompt: str, negative_prompt: str, seeds: list[int]):
-        """(cond, uncond) expanded to the batch, and image i's CPU generator seeded `seeds[i]`."""
-        context = self.conditioning([prompt, negative_prompt])
+    def _start(self, prompt: str, negative_prompt: str, seeds: list[int], settings: SampleSettings | None = None):
+        """(cond, uncond) expanded to the batch (or `Scheduled`, `prompt_pair`), and image i's CPU generator
+        seeded `seeds[i]`."""
+        cond, uncond = self.prompt_pair(prompt, negative_prompt, settings)
         n = len(seeds)
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        return context[:1].expand(n, -1, -1), context[1:].expand(n, -1, -1), generators
+        cond, uncond = (c if isinstance(c, Scheduled) else c[None].expand(n, -1, -1) for c in (cond, uncond))
+        return cond, uncond, generators
 
     def _noise(self, generators, shape, fixed_noise: torch.Tensor | None) -> torch.Tensor:
         """Each image's next draw of unit noise of `shape` (1, C, h, w), or `fixed_noise` for all."""
@@ -312,7 +368,7 @@ class Pipeline:
         """Latents (len(seeds), C, H/f, W/f) for one prompt, image i seeded `seeds[i]`; `decode` makes
         them images."""
         f = self.cfg.downsample_factor
-        cond, uncond, generators = self._start(prompt, negative_prompt, seeds)
+        cond, uncond, generators = self._start(prompt, negative_prompt, seeds, settings)
         noise = self._noise(generators, (1, self.cfg.channels, height // f, width // f), fixed_noise)
         return self.sample(cond, uncond, noise, generators, settings, callback)
 
@@ -321,7 +377,7 @@ class Pipeline:
                         callback=None) -> torch.Tensor:
         """SDEdit img2img from `image` (1, 3, H, W) in [-1, 1], as diffusers' StableDiffusionImg2ImgPipeline:
         image i's generator first draws the posterior sample (`encode`), then the noise."""
-        cond, uncond, generators = self._start(prompt, negative_prompt, seeds)
+        cond, uncond, generators = self._start(prompt, negative_prompt, seeds, settings)
         init = self.encode(image, generators)
         noise = self._noise(generators, (1, *init.shape[1:]), fixed_noise)
         return self.sample(cond, uncond, noise, generators, settings, callback, init=init, strength=strength)
@@ -337,7 +393,7 @@ class Pipeline:
         image (for 4 channels, or strength < 1), the noise, the posterior sample of the masked image
         (9 channels). The caller pastes the unmasked pixels back after decoding."""
         f = self.cfg.downsample_factor
-        cond, uncond, generators = self._start(prompt, negative_prompt, seeds)
+        cond, uncond, generators = self._start(prompt, negative_prompt, seeds, settings)
         latent_mask = F.interpolate(mask.float(), size=(image.shape[2] // f, image.shape[3] // f))
         nine = self.cfg.unet.in_channels == self.cfg.channels * 2 + 1
         init = self.encode(image, generators) if not nine or strength < 1 else None

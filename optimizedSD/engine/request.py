@@ -33,12 +33,25 @@ CLI_LABELS = {"prompt": "--prompt", "negative_prompt": "--negative_prompt", "see
               "n_samples": "--n_samples", "n_iter": "--n_iter", "sampler": "--sampler", "karras": "--karras",
               "steps": "--ddim_steps", "scale": "--scale", "eta": "--ddim_eta", "width": "--W", "height": "--H",
               "strength": "--strength", "unet_bs": "--unet_bs", "memory": "--vram", "init_image": "--init-img",
-              "mask": "--mask"}
+              "mask": "--mask", "watermark": "--watermark", "prompt_syntax": "--prompt_syntax",
+              "clip_skip": "--clip_skip", "pad_conds": "--pad_conds"}
 UI_LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "seed": "Seed", "n_samples": "Batch size",
              "n_iter": "Batch count", "sampler": "Sampler", "karras": "Karras", "steps": "Steps",
              "scale": "CFG scale", "eta": "DDIM eta", "width": "Width", "height": "Height",
              "strength": "Denoising strength", "unet_bs": "UNet batch", "memory": "Memory",
-             "init_image": "Image", "mask": "Mask"}
+             "init_image": "Image", "mask": "Mask", "watermark": "Watermark", "prompt_syntax": "Prompt syntax",
+             "clip_skip": "Clip skip", "pad_conds": "Pad conds"}
+# The CompVis reference script's invisible watermark (outputs/watermark.py): its payload and method, and
+# the limits of the invisible-watermark library (`check_watermark`).
+WATERMARK = "StableDiffusionV1"
+WATERMARK_METHOD = "dwtDct"
+WATERMARK_MIN_PIXELS = 256 * 256  # imwatermark refuses smaller images ("image too small")
+
+# The hires fix's fields (engine/hires.py), as the CLI and the browser UI name them.
+CLI_LABELS.update(hr_scale="--hr_scale", hr_upscaler="--hr_upscaler", hr_steps="--hr_steps",
+                  hr_denoise="--hr_denoise", hr_resize_x="--hr_resize_x", hr_resize_y="--hr_resize_y")
+UI_LABELS.update(hr_scale="Upscale by", hr_upscaler="Upscaler", hr_steps="Hires steps",
+                 hr_denoise="Hires denoising strength", hr_resize_x="Resize width to", hr_resize_y="Resize height to")
 
 
 class RequestError(ValueError):
@@ -78,6 +91,17 @@ class Request:
     init_image_name: str | None = None  # for the metadata; `complete` takes it from a path
     mask_name: str | None = None
     loras: tuple[tuple[str, float], ...] = ()  # (LoRA file, weight), besides the prompt's <lora:NAME:WEIGHT> tags
+    # hires fix (txt2img, engine/hires.py): on when hr_scale is given or a resize is
+    hr_scale: float | None = None  # the second pass's size: the base size times this
+    hr_upscaler: str = "latent"  # latent, latent-nearest or lanczos (hires.UPSCALERS)
+    hr_steps: int = 0  # the second pass's steps (0: the base's)
+    hr_denoise: float = 0.7  # its denoising strength (the webui's "Denoising strength")
+    hr_resize_x: int = 0  # or a size to resize to (0: from the other side and the aspect)
+    hr_resize_y: int = 0
+    watermark: str | None = None  # the invisible watermark's payload (WATERMARK: the reference's); None: none
+    prompt_syntax: str = "webui"  # "webui": emphasis, editing, BREAK (docs/prompts.md); "plain": as written
+    clip_skip: int = 1  # the text encoder's N-th hidden state from the end (the webui's "Clip skip")
+    pad_conds: bool = False  # pad the shorter of prompt and negative with empty chunks (webui "Pad conds")
 
     @property
     def seeds(self) -> list[int]:
@@ -85,7 +109,8 @@ class Request:
 
     @property
     def guided(self) -> bool:
-        return self.scale != 1.0
+        """Whether the UNet also runs on the negative prompt: scale > 1 (as diffusers; at <= 1 it is skipped)."""
+        return self.scale > 1.0
 
     def sampler_name(self) -> str:
         """The sampler as our metadata and CLI name it, e.g. `euler_a karras`."""
@@ -136,11 +161,14 @@ def check(r: Request, cfg: SDConfig, labels: dict = CLI_LABELS) -> None:
         raise RequestError(f"unknown kind {r.kind!r}; choose one of {', '.join(KINDS)}")
     check_prompt(r.prompt, L["prompt"])
     check_prompt(r.negative_prompt, L["negative_prompt"], empty_ok=True)
+    check_text_options(r, cfg, L)
     if r.sampler not in SAMPLERS:
         raise RequestError(f"unknown {L['sampler']} {r.sampler!r}; choose one of {', '.join(sorted(SAMPLERS))}")
     for name in ("n_samples", "n_iter", "unet_bs"):
         _integer(getattr(r, name), L[name], 1)
     _integer(r.steps, L["steps"], 1, cfg.timesteps, f"the model's schedule has {cfg.timesteps} steps")
+    if r.sampler == "lcm":
+        _integer(r.steps, L["steps"], 1, 50, "lcm walks its 50-step distillation schedule; 4-8 are usual")
     _number(r.scale, L["scale"])
     _number(r.eta, L["eta"], low=0.0)
     if r.eta and r.sampler != "ddim":
@@ -155,6 +183,9 @@ def check(r: Request, cfg: SDConfig, labels: dict = CLI_LABELS) -> None:
         raise RequestError(f"{r.kind} needs an init image; give {L['init_image']}")
     check_size(r.width, r.height, cfg, L)
     check_memory(r.memory, L["memory"])
+    if r.watermark is not None:
+        check_watermark(r.watermark, r.width, r.height, L.get("watermark", CLI_LABELS["watermark"]))
+    check_hires(r, cfg, L)
     if r.kind == "txt2img":
         return
     _number(r.strength, L["strength"])
@@ -167,6 +198,48 @@ def check(r: Request, cfg: SDConfig, labels: dict = CLI_LABELS) -> None:
                            f"{L['strength']} to at least {1 / steps:.3g} or use more {L['steps']}")
     if r.kind == "inpaint" and r.mask is None:
         raise RequestError(f"inpainting needs a mask (white: repaint, black: keep); give {L['mask']}")
+
+
+def check_hires(r: Request, cfg: SDConfig, labels: dict = CLI_LABELS) -> None:
+    """The hires fix's fields (engine/hires.py): only for txt2img, a scale above 0 or a resize, a known
+    upscaler, steps and a strength that run at least one step, a target size the model takes."""
+    from .hires import UPSCALERS, target_of, wanted
+
+    L = {k: labels.get(k, CLI_LABELS[k]) for k in ("hr_scale", "hr_upscaler", "hr_steps", "hr_denoise",
+                                                    "hr_resize_x", "hr_resize_y")}
+    defaults = Request("")
+    if not wanted(r):
+        given = [L[k] for k in ("hr_upscaler", "hr_steps", "hr_denoise") if getattr(r, k) != getattr(defaults, k)]
+        if given:
+            raise RequestError(f"{', '.join(given)} apply to the hires fix; add {L['hr_scale']} (e.g. 2) or "
+                               f"{L['hr_resize_x']}/{L['hr_resize_y']}")
+        return
+    if r.kind != "txt2img":
+        raise RequestError(f"the hires fix ({L['hr_scale']}, {L['hr_resize_x']}, {L['hr_resize_y']}) is for "
+                           f"txt2img; for {r.kind} give the larger size itself")
+    if r.hr_scale is not None:
+        _number(r.hr_scale, L["hr_scale"])
+        if r.hr_scale <= 0:
+            raise RequestError(f"{L['hr_scale']} must be more than 0 (2 doubles the size), got {r.hr_scale:g}")
+    for name in ("hr_resize_x", "hr_resize_y"):
+        _integer(getattr(r, name), L[name], 0)
+    if r.hr_upscaler not in UPSCALERS:
+        raise RequestError(f"unknown {L['hr_upscaler']} {r.hr_upscaler!r}; choose one of {', '.join(UPSCALERS)}")
+    _integer(r.hr_steps, L["hr_steps"], 0, 50 if r.sampler == "lcm" else cfg.timesteps, "0: the base steps")
+    _number(r.hr_denoise, L["hr_denoise"])
+    if not 0 < r.hr_denoise <= 1:
+        raise RequestError(f"{L['hr_denoise']} must be in (0, 1] (1 = from pure noise), got {r.hr_denoise}")
+    steps = make_plan(Schedule(cfg.linear_start, cfg.linear_end, cfg.timesteps), r.sampler, r.hr_steps or r.steps,
+                      karras=r.karras).steps
+    if strength_steps(steps, r.hr_denoise) == 0:
+        raise RequestError(f"{L['hr_denoise']} {r.hr_denoise} of {steps} steps runs no sampling step; raise it to "
+                           f"at least {1 / steps:.3g} or use more {L['hr_steps']}")
+    width, height = target_of(r, cfg.downsample_factor).pixels(cfg.downsample_factor)
+    side = smallest_side(cfg)
+    if width < side or height < side or not _big_enough(cfg, height // cfg.downsample_factor,
+                                                         width // cfg.downsample_factor):
+        raise RequestError(f"the hires fix's size {width}x{height} is too small for this model (at least "
+                           f"{side}x{side}); raise {L['hr_scale']} or the resize")
 
 
 def check_prompt(prompt: str, label: str, empty_ok: bool = False) -> None:
@@ -190,6 +263,23 @@ def check_prompt(prompt: str, label: str, empty_ok: bool = False) -> None:
         raise RequestError(f"{label}: {e}") from None
 
 
+def check_text_options(r: Request, cfg: SDConfig, L: dict) -> None:
+    """--prompt_syntax, --clip_skip, --pad_conds, and the prompt editing steps of the webui syntax."""
+    from .conditioning import SYNTAXES, check_prompt as check_schedule, schedule_steps
+
+    if r.prompt_syntax not in SYNTAXES:
+        raise RequestError(f"unknown {L['prompt_syntax']} {r.prompt_syntax!r}; choose one of {', '.join(SYNTAXES)}")
+    depth = cfg.text.num_hidden_layers
+    _integer(r.clip_skip, L["clip_skip"], 1, depth, f"the text encoder has {depth} layers; 1 uses the last, 2 the one before")
+    if r.prompt_syntax == "webui" and r.sampler in SAMPLERS:
+        steps = schedule_steps(r.steps, r.sampler) if isinstance(r.steps, int) and r.steps > 0 else 1
+        for name in ("prompt", "negative_prompt"):
+            try:
+                check_schedule(getattr(r, name), steps, L[name])
+            except ValueError as e:
+                raise RequestError(str(e)) from None
+
+
 def check_size(width, height, cfg: SDConfig, labels: dict = CLI_LABELS) -> None:
     """Width and height are positive multiples of the VAE's factor, large enough for the model."""
     f = cfg.downsample_factor
@@ -202,6 +292,40 @@ def check_size(width, height, cfg: SDConfig, labels: dict = CLI_LABELS) -> None:
     if not _big_enough(cfg, height // f, width // f):
         raise RequestError(f"{labels['width']} {width} x {labels['height']} {height} is too small for this model; "
                            f"use at least {side}x{side}")
+
+
+def watermark_library() -> str | None:
+    """None when the invisible-watermark library (`imwatermark`, with OpenCV and PyWavelets) can be
+    imported; else the line that says what to install."""
+    import importlib.util
+
+    missing = [name for name in ("imwatermark", "cv2", "pywt") if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return (f"the watermark needs the invisible-watermark library (missing: {', '.join(missing)}): pip install "
+            "invisible-watermark (see requirements.txt for the headless OpenCV)")
+
+
+def watermark_capacity(width: int, height: int) -> int:
+    """Payload bits `dwtDct` can hold in a width x height image: one per 4x4 block of the Haar
+    approximation (half size) of the image's crop to multiples of 4."""
+    return ((height // 4 * 4) // 2 // 4) * ((width // 4 * 4) // 2 // 4)
+
+
+def check_watermark(payload, width: int, height: int, label: str) -> None:
+    """A watermark payload is non-empty text whose bits the run's images can hold, the library installed."""
+    if not isinstance(payload, str) or not payload:
+        raise RequestError(f"{label} must be a non-empty text (default {WATERMARK}), got {payload!r}")
+    if width * height < WATERMARK_MIN_PIXELS:
+        raise RequestError(f"{label}: {WATERMARK_METHOD} needs images of at least 65536 pixels (256x256), "
+                           f"got {width}x{height}; render larger or drop {label}")
+    bits, room = 8 * len(payload.encode("utf-8")), watermark_capacity(width, height)
+    if bits > room:
+        raise RequestError(f"{label} {payload[:40]!r} is {bits} bits, more than {WATERMARK_METHOD} can hold in a "
+                           f"{width}x{height} image ({room} bits); use a shorter payload")
+    missing = watermark_library()
+    if missing:
+        raise RequestError(f"{label}: {missing}")
 
 
 def check_memory(memory: str, label: str) -> int | None:

@@ -16,7 +16,7 @@ import torch
 from ..model.config import SDConfig
 from ..sampling.ksamplers import KSAMPLERS
 from ..engine.spec import COMPVIS_CKPT, DEMO_CKPT, DEMO_CONFIG, resolve_model
-from ..engine.request import CLI_LABELS, DEFAULT_STRENGTH, DEMO_SCALE, Request, RequestError
+from ..engine.request import CLI_LABELS, DEFAULT_STRENGTH, DEMO_SCALE, WATERMARK, Request, RequestError
 from ..sampling.samplers import SAMPLERS
 
 # A bad flag value, file or environment: one line, exit 2. The same error the library raises for a
@@ -63,6 +63,16 @@ def build_parser(kind: str = "txt2img") -> argparse.ArgumentParser:
     a("--long_prompts", action="store_true",
       help="encode prompts longer than 75 tokens whole, in 75-token chunks encoded separately and concatenated "
            "(as AUTOMATIC1111's webui); default: cut at 75 tokens with a warning, as the reference pipeline")
+    a("--prompt_syntax", type=str, default="webui",
+      help="webui (default): AUTOMATIC1111's prompt syntax: (word) x1.1, [word] /1.1, (word:1.4), BREAK, "
+           "[from:to:when] editing, [a|b] alternation, long prompts in 75-token chunks (docs/prompts.md); "
+           "plain: the text as written (brackets are text)")
+    a("--clip_skip", type=int, default=1,
+      help="use the text encoder's N-th hidden state from the end (the webui's Clip skip; 2 for most "
+           "anime-style SD 1.5 models); default 1, the last")
+    a("--pad_conds", action="store_true",
+      help="pad the shorter of prompt and negative prompt with empty chunks to the same length (the webui's "
+           "Pad conds); default: run them as separate UNet batches of their own lengths")
     a("--from-file", dest="from_file", type=str, default=None,
       help="read prompts from this file, one per line (blank lines skipped); overrides --prompt")
     a("--outdir", type=str, default=outdir,
@@ -70,6 +80,10 @@ def build_parser(kind: str = "txt2img") -> argparse.ArgumentParser:
     a("--skip_grid", action="store_true", help="do not save a grid of each prompt's images")
     a("--skip_save", action="store_true", help="do not save the individual images (only the grid)")
     a("--format", type=str, default="png", choices=["png", "jpg"], help="image file format")
+    a("--watermark", nargs="?", const=WATERMARK, default=None, metavar="TEXT",
+      help=f"embed the CompVis reference script's invisible watermark (invisible-watermark, dwtDct) in every image "
+           f"and grid: the bytes of TEXT (default {WATERMARK}); images of at least 256x256; read it back with "
+           "python -m optimizedSD.tools.check_watermark IMG")
     a("--sampler", type=str, default=None, choices=sorted(SAMPLERS),
       help="sampling method: ddim, plms (CompVis) or a k-diffusion sampler: " + ", ".join(KSAMPLERS)
            + " (default: plms; ddim with --demo)")
@@ -180,12 +194,21 @@ def add_custom_flags(a, lora_files: bool = True) -> None:
       help="the adapters (arXiv 2303.18181) of the --config YAML that names them: the folder save_adapter_to_dir "
            "wrote")
     a("--adapter_scale", type=float, default=None, help="scale of the adapters' output (default: the config's)")
+    a("--safety_checker", default=None, metavar="PATH",
+      help="check every image with a local copy of the Stable Diffusion safety checker (the folder of "
+           "CompVis/stable-diffusion-safety-checker, or its .safetensors/.bin); flagged images become black")
+    a("--safety_blur", action="store_true", help="with --safety_checker: flagged images are blurred, not black")
+    a("--fp8", nargs="?", const="unet", default=None, metavar="unet|all",
+      help="store the weights of the UNet's Linear and Conv2d layers in float8_e4m3fn (half fp16's memory and "
+           "transfers; each layer casts them for its arithmetic), as Forge and ComfyUI do; all: the text "
+           "encoder's too. The VAE, norms, biases and the time embedding keep the precision's dtype")
 
 
 def custom_args(args) -> dict:
     """`resolve_model`'s arguments for what is added to the checkpoint (`customize.py`)."""
     return dict(vae=args.vae, adapter_path=args.adapter_path, adapter_scale=args.adapter_scale,
-                embeddings=args.embeddings, lora_dirs=args.lora_dir)
+                embeddings=args.embeddings, lora_dirs=args.lora_dir, fp8=args.fp8,
+                safety_checker=args.safety_checker, safety_blur=args.safety_blur)
 
 
 def memory_mode(args) -> str:
@@ -206,11 +229,12 @@ def requests_of(args, spec, log) -> list[Request]:
                     n_samples=args.n_samples, n_iter=args.n_iter, sampler=args.sampler, karras=args.karras,
                     steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta, width=args.W, height=args.H,
                     strength=getattr(args, "strength", None), long_prompts=args.long_prompts,
+                    prompt_syntax=args.prompt_syntax, clip_skip=args.clip_skip, pad_conds=args.pad_conds,
                     fixed_code=args.fixed_code, memory=memory_mode(args), unet_bs=args.unet_bs,
                     init_image=out[0].init_image if out else getattr(args, "init_img", None),
                     mask=out[0].mask if out else getattr(args, "mask", None),
                     init_image_name=out[0].init_image_name if out else None,
-                    mask_name=out[0].mask_name if out else None, loras=loras)
+                    mask_name=out[0].mask_name if out else None, loras=loras, watermark=args.watermark)
         try:
             out.append(spec.complete(r, CLI_LABELS, log))
         except RequestError as e:
@@ -240,7 +264,7 @@ def prepare_ray(args, log):
     requests = requests_of(args, worker, log)  # the worker's defaults (--unet_bs)
     config = str(Path(args.config).resolve()) if args.config else str(ROOT / DEMO_CONFIG) if args.demo else None
     model = dict(ckpt=str(spec.ckpt.resolve()), precision=args.precision, ema=args.ema, demo=args.demo,
-                 adapter_scale=args.adapter_scale, **spec.custom.arguments(), config=config)
+                 adapter_scale=args.adapter_scale, **spec.custom.arguments(), config=config, fp8=spec.fp8)
     return cluster.prepare(spec, worker, requests, model, options, precision=args.precision, ema=args.ema)
 
 
@@ -303,7 +327,7 @@ def generate(args) -> dict:
 
             for batch in engine.render(r, on_step=on_step, stats=stats):
                 for item in batch:
-                    written += writer.add(item.image, item.seed) is not None
+                    written += writer.add(item.image, item.seed, meta=item.meta) is not None
                 overall.update(len(batch))
         if writer:
             writer.finish()

@@ -22,13 +22,15 @@ from ..engine.engine import Cancelled, Engine, RunStats, memory_line
 from ..outputs.images import OutputError, ensure_writable
 from ..outputs.infotext import WEBUI_SAMPLERS, parse, read_parameters, request_fields
 from ..outputs.writer import RequestWriter, metadata
-from ..engine.request import MEMORY_MODES, UI_LABELS as L, Request, RequestError, with_defaults
+from .jobs import Jobs
+from ..engine.request import MEMORY_MODES, UI_LABELS as L, WATERMARK, Request, RequestError, with_defaults
 from ..sampling.samplers import SAMPLERS
 
 RENDER = "render"  # the concurrency id every render shares: one at a time on the device
 TABS = {"txt2img": "txt2img", "img2img": "img2img", "inpaint": "Inpainting", "info": "PNG info"}
 # The request fields a `parameters` text fills in a tab (`infotext.request_fields`), in this order.
-FILLED = ("prompt", "negative_prompt", "sampler", "karras", "steps", "scale", "width", "height", "seed", "strength")
+FILLED = ("prompt", "negative_prompt", "sampler", "karras", "steps", "scale", "width", "height", "seed", "strength",
+          "clip_skip", "pad_conds", "prompt_syntax")
 
 
 @dataclass
@@ -60,6 +62,10 @@ class Controls:
     saved: gr.State = None  # the run's file paths
     selected: gr.State = None  # the gallery index picked, or None
     send: dict = field(default_factory=dict)  # kind -> "Send to" button
+    clip_skip: gr.Slider = None  # how the prompts are read (docs/prompts.md)
+    pad_conds: gr.Checkbox = None
+    prompt_syntax: gr.Dropdown = None
+    watermark: gr.Textbox = None  # the invisible watermark's text; empty: none (outputs/watermark.py)
 
     def fillable(self) -> list[tuple[str, gr.components.Component]]:
         """(field, widget) of each `FILLED` field this tab has."""
@@ -71,6 +77,7 @@ class Studio:
 
     def __init__(self, engine: Engine, outdirs: dict[str, str], memory: str = "default"):
         self.engine, self.outdirs, self.memory = engine, outdirs, memory
+        self.jobs = Jobs()  # one render at a time on the engine: UI clicks and API requests (fronts/api.py) alike
         self._cancel: dict[str, threading.Event] = {}  # page (gradio session) -> its Interrupt
 
     # ---- widgets -> request ----------------------------------------------------------------------
@@ -87,12 +94,17 @@ class Studio:
                        n_iter=v[c.n_iter], sampler=v[c.sampler], karras=bool(v[c.karras]), steps=v[c.steps],
                        scale=v[c.scale], width=image_size(c, v[c.width]), height=image_size(c, v[c.height]),
                        strength=v[c.strength] if c.strength is not None else None, init_image=image, mask=mask,
-                       memory=(v[c.memory] or "").strip())
+                       memory=(v[c.memory] or "").strip(), **text_options(c, v),
+                       watermark=((v[c.watermark] or "").strip() or None) if c.watermark is not None else None)
 
     # ---- the render --------------------------------------------------------------------------
     def generate(self, c: Controls, v: dict, session: str, progress) -> tuple[list, list[str], str]:
         """Render a tab's request: (gallery items, saved paths, status text); a bad request is a
-        one-line `gr.Error` on the page, and the server goes on serving."""
+        one-line `gr.Error` on the page, and the server goes on serving. Waits for its turn (`jobs`)."""
+        with self.jobs.turn(c.kind):
+            return self._generate(c, v, session, progress)
+
+    def _generate(self, c: Controls, v: dict, session: str, progress) -> tuple[list, list[str], str]:
         notes: list[str] = []
         cancel = self._cancel.setdefault(session, threading.Event())
         try:
@@ -104,9 +116,14 @@ class Studio:
         writer = RequestWriter(outdir, r, metadata(r, self.engine.spec, self.engine.checkpoint_hash))
         stats, saved, interrupted = RunStats(), [], False  # saved: (path, seed) of each image written
         try:
-            for batch in self.engine.render(r, on_step=lambda done, total: progress((done, total), desc="sampling"),
-                                            cancel=cancel.is_set, stats=stats):
-                saved += [(str(writer.add(item.image, item.seed)), item.seed) for item in batch]
+            def on_step(done, total):
+                self.jobs.step(done, total)
+                progress((done, total), desc="sampling")
+            for batch in self.engine.render(r, on_step=on_step, cancel=lambda: cancel.is_set() or self.jobs.interrupted(),
+                                            stats=stats):
+                saved += [(str(writer.add(item.image, item.seed, meta=item.meta)), item.seed) for item in batch]
+                notes += [f"safety checker: seed {item.seed} flagged ({item.meta['Safety check']})" for item in batch
+                          if item.meta.get("Safety check", "").startswith("flagged")]
             writer.finish()
         except Cancelled:
             interrupted = True
@@ -216,8 +233,28 @@ def controls(kind: str, defaults: Request, memory: str, loras: list[str] = (), e
         n_samples = gr.Number(value=defaults.n_samples, label=L["n_samples"], precision=0, info="images at once")
     memory_box = gr.Dropdown(list(MEMORY_MODES), value=memory, label=L["memory"], allow_custom_value=True,
                              info="or a device-memory budget such as 2G or 1536M")
-    return Controls(kind, prompt, negative, sampler, karras, steps, scale, width, height, seed, n_iter, n_samples,
-                    memory_box, lora, embedding, strength, image, mask)
+    with gr.Row():
+        clip_skip = gr.Slider(1, 12, value=defaults.clip_skip, step=1, label=L["clip_skip"],
+                              info="the text encoder's N-th layer from the end (2 for most anime-style models)")
+        pad_conds = gr.Checkbox(label=L["pad_conds"], value=defaults.pad_conds,
+                                info="pad prompt and negative to the same chunk count")
+        prompt_syntax = gr.Dropdown(["webui", "plain"], value=defaults.prompt_syntax, label=L["prompt_syntax"],
+                                    info="webui: (word:1.4), [a:b:0.5], BREAK...; plain: brackets are text")
+    c = Controls(kind, prompt, negative, sampler, karras, steps, scale, width, height, seed, n_iter, n_samples,
+                 memory_box, lora, embedding, strength, image, mask)
+    c.clip_skip, c.pad_conds, c.prompt_syntax = clip_skip, pad_conds, prompt_syntax
+    c.watermark = gr.Textbox(label=L["watermark"], value="", placeholder=WATERMARK, max_lines=1,
+                             info=f"invisible watermark (the reference script's: {WATERMARK}); empty: none")
+    return c
+
+
+def text_options(c: Controls, v: dict) -> dict:
+    """The Request fields of the tab's prompt-reading widgets (clip skip, pad conds, syntax)."""
+    if c.clip_skip is None:
+        return {}
+    skip = v[c.clip_skip]
+    return dict(clip_skip=int(skip) if isinstance(skip, float) and skip.is_integer() else skip,
+                pad_conds=bool(v[c.pad_conds]), prompt_syntax=v[c.prompt_syntax])
 
 
 def results(c: Controls) -> None:
@@ -266,13 +303,13 @@ def build(studio: Studio) -> gr.Blocks:
             studio.closed(request.session_hash)
         page.unload(closed)
         info_image.change(lambda path: image_parameters(path) if path else "", info_image, info_text,
-                          queue=False)
+                          queue=False, api_name="png_info")
         t = tabs["txt2img"]
 
         def send_text(text):
             updates, notes = fill(t, text)
             return [*updates, "\n".join(notes), gr.Tabs(selected="txt2img")]
-        info_send.click(send_text, info_text, [*widgets(t), info_notes, tab_set], queue=False)
+        info_send.click(send_text, info_text, [*widgets(t), info_notes, tab_set], queue=False, api_visibility="private")
     return page
 
 
@@ -291,7 +328,8 @@ def opened(path: str) -> Image.Image:
 def wire(studio: Studio, c: Controls, tabs: dict[str, Controls], tab_set: gr.Tabs) -> None:
     """Generate, Interrupt, picking a result, and sending it to the image tabs."""
     inputs = {x for x in (c.prompt, c.negative_prompt, c.sampler, c.karras, c.steps, c.scale, c.width, c.height,
-                          c.seed, c.n_iter, c.n_samples, c.memory, c.strength, c.image, c.mask) if x is not None}
+                          c.seed, c.n_iter, c.n_samples, c.memory, c.strength, c.image, c.mask, c.clip_skip,
+                          c.pad_conds, c.prompt_syntax, c.watermark) if x is not None}
 
     def run(values: dict, request: gr.Request, progress=gr.Progress()):
         gallery, saved, status = studio.generate(c, values, request.session_hash, progress)
@@ -303,18 +341,20 @@ def wire(studio: Studio, c: Controls, tabs: dict[str, Controls], tab_set: gr.Tab
     def interrupt(request: gr.Request):
         studio.interrupt(request.session_hash)
 
-    c.generate.click(pending, None, None, queue=False).then(
+    # gradio_client sees /txt2img, /img2img, /inpaint, /png_info and /interrupt; the helpers are private
+    c.generate.click(pending, None, None, queue=False, api_visibility="private").then(
         run, inputs, [c.gallery, c.saved, c.status, c.selected, c.parameters], concurrency_limit=1,
-        concurrency_id=RENDER, show_progress_on=[c.gallery])
-    c.interrupt.click(interrupt, None, None, queue=False)
+        concurrency_id=RENDER, show_progress_on=[c.gallery], api_name=c.kind)
+    c.interrupt.click(interrupt, None, None, queue=False,
+                      **(dict(api_name="interrupt") if c.kind == "txt2img" else dict(api_visibility="private")))
     c.lora.input(lambda prompt, name: (with_tag(prompt, f"<lora:{name}:1>") if name else prompt, None),
-                 [c.prompt, c.lora], [c.prompt, c.lora], queue=False)
+                 [c.prompt, c.lora], [c.prompt, c.lora], queue=False, api_visibility="private")
     c.embedding.input(lambda prompt, name: (with_tag(prompt, name) if name else prompt, None),
-                      [c.prompt, c.embedding], [c.prompt, c.embedding], queue=False)
+                      [c.prompt, c.embedding], [c.prompt, c.embedding], queue=False, api_visibility="private")
 
     def select(saved, evt: gr.SelectData):
         return evt.index, image_parameters(saved[evt.index]) if evt.index < len(saved) else ""
-    c.gallery.select(select, c.saved, [c.selected, c.parameters], queue=False)
+    c.gallery.select(select, c.saved, [c.selected, c.parameters], queue=False, api_visibility="private")
 
     for kind, button in c.send.items():
         target = tabs[kind]
@@ -325,4 +365,4 @@ def wire(studio: Studio, c: Controls, tabs: dict[str, Controls], tab_set: gr.Tab
             path = saved[selected if selected is not None and selected < len(saved) else 0]
             updates, _ = fill(target, image_parameters(path))
             return [opened(path), *updates, gr.Tabs(selected=kind)]
-        button.click(send, [c.saved, c.selected], [target.image, *widgets(target), tab_set], queue=False)
+        button.click(send, [c.saved, c.selected], [target.image, *widgets(target), tab_set], queue=False, api_visibility="private")

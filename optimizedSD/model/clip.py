@@ -5,7 +5,8 @@ and transformers' `CLIPTextModel` compute it, written here so that a run never i
 Module paths `transformer.text_model.*` equal the checkpoint keys under `cond_stage_model.` and
 transformers' names: `embeddings.{token,position}_embedding`, `encoder.layers.N.{self_attn.{q,k,v,out}_proj,
 layer_norm1, mlp.fc1, mlp.fc2, layer_norm2}`, `final_layer_norm`. Its output is the final-layer-normed
-hidden states (B, 77, hidden), as the reference `FrozenCLIPEmbedder` returns.
+hidden states (B, 77, hidden), as the reference `FrozenCLIPEmbedder` returns; with a clip skip N
+(`TextEncoder.forward`), the N-th hidden state from the end through the final layer norm.
 Checked against transformers' `CLIPTextModel` in tests/test_components.py.
 """
 from __future__ import annotations
@@ -85,8 +86,9 @@ class Encoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
-    def forward(self, x):
-        for layer in self.layers:
+    def forward(self, x, skip: int = 1):
+        """The hidden state `skip` from the end (1: the last layer's output); later layers never run."""
+        for layer in self.layers[:len(self.layers) + 1 - skip]:
             x = layer(x)
         return x
 
@@ -98,8 +100,8 @@ class TextTransformer(nn.Module):
         self.encoder = Encoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, tokens):
-        return self.final_layer_norm(self.encoder(self.embeddings(tokens)))
+    def forward(self, tokens, skip: int = 1):
+        return self.final_layer_norm(self.encoder(self.embeddings(tokens), skip))
 
 
 class TextEncoder(nn.Module):
@@ -127,6 +129,16 @@ class TextEncoder(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, 77) -> hidden states (B, 77, hidden)."""
-        return self.transformer.text_model(tokens)
+    def forward(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """Token ids (B, 77) -> hidden states (B, 77, hidden). `clip_skip` N (the webui's "Clip skip"):
+        the output of layer `depth - N + 1`, i.e. transformers' `hidden_states[-N]`, through the final
+        layer norm; the layers after it are not run. 1 is the last layer (`last_hidden_state`)."""
+        depth = len(self.transformer.text_model.encoder.layers)
+        if not 1 <= clip_skip <= depth:
+            raise ValueError(f"clip skip must be from 1 to {depth} (the text encoder's layers), got {clip_skip}")
+        return self.transformer.text_model(tokens, clip_skip)
+
+    def skipped_layers(self, clip_skip: int) -> list[int]:
+        """The encoder layers `clip_skip` leaves unrun (their weights need not be on the device)."""
+        depth = len(self.transformer.text_model.encoder.layers)
+        return list(range(depth + 1 - clip_skip, depth))

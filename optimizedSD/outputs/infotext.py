@@ -23,7 +23,7 @@ from PIL import Image
 # Our sampler name -> the webui's label (one table; `webui_sampler` / `our_sampler` go both ways).
 WEBUI_SAMPLERS = {"euler_a": "Euler a", "euler": "Euler", "heun": "Heun", "dpm2": "DPM2", "dpm2_a": "DPM2 a",
                   "lms": "LMS", "dpmpp_2m": "DPM++ 2M", "dpmpp_2s_a": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE",
-                  "ddim": "DDIM", "plms": "PLMS"}
+                  "ddim": "DDIM", "plms": "PLMS", "lcm": "LCM"}
 KARRAS = "Karras"  # the webui's sampler-name suffix and `Schedule type` value for the Karras schedule
 _OUR_KARRAS = " karras"  # our own suffix (Request.sampler_name, the PNG `sampler` chunk)
 _AUTOMATIC = "Automatic"  # the webui's `Schedule type` of a sampler's own schedule
@@ -140,7 +140,47 @@ def request_fields(parsed: dict) -> tuple[dict, list[str]]:
                 fields[name] = kind(parsed[key])
             except ValueError:
                 notes.append(f"{key} {parsed[key]!r} is not a number")
+    fields.update(text_fields(parsed, notes))
     return fields, notes
+
+
+def text_fields(parsed: dict, notes: list[str]) -> dict:
+    """How the prompts were read: `Clip skip`, `Pad conds` (the webui's) and `Prompt syntax` (ours); a key
+    the text lacks is the webui's default (clip skip 1, no padding, its syntax), as the webui reads them."""
+    fields = {"clip_skip": 1, "pad_conds": parsed.get("Pad conds", "False").strip().lower() == "true",
+              "prompt_syntax": parsed.get("Prompt syntax", "webui").strip()}
+    try:
+        fields["clip_skip"] = int(parsed.get("Clip skip", 1))
+    except ValueError:
+        notes.append(f"Clip skip {parsed['Clip skip']!r} is not a number")
+    return fields
+
+
+# --fp8 as the webui's `FP8 weight` field (its `fp8_storage` option: "Enable" stores the Linear/Conv2d
+# weights of the UNet and the text encoder in fp8, the VAE not: our "all"); "UNet" is ours (the UNet only).
+FP8_FIELD = "FP8 weight"
+FP8_VALUES = {"all": "Enable", "unet": "UNet"}
+PRECISION_FIELD = "Precision"  # ours: written when not the device's exact default (bf16 on a CPU)
+
+
+def model_metadata(fp8: str | None, precision: str | None = None) -> dict:
+    """The fields of the model settings an image was made with: `FP8 weight` (--fp8), `Precision` (bf16)."""
+    meta = {}
+    if fp8:
+        meta[FP8_FIELD] = FP8_VALUES[fp8]
+    if precision == "bf16":
+        meta[PRECISION_FIELD] = precision
+    return meta
+
+
+def model_fields(parsed: dict) -> dict:
+    """`resolve_model` arguments a parsed `parameters` text asks for (a replay loads the model so):
+    fp8 ("unet", "all" or None: the webui's `Disable` or no field) and precision when it says bf16."""
+    by_value = {v.lower(): k for k, v in FP8_VALUES.items()}
+    out = {"fp8": by_value.get(str(parsed.get(FP8_FIELD, "")).strip().lower())}
+    if str(parsed.get(PRECISION_FIELD, "")).strip().lower() == "bf16":
+        out["precision"] = "bf16"
+    return out
 
 
 def read_parameters(image: Image.Image) -> str | None:

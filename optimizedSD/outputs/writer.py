@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from .images import ImageWriter
+from .infotext import model_metadata
 from ..engine.request import Request
 
 
@@ -18,18 +19,35 @@ def metadata(r: Request, spec, checkpoint_hash: str | None) -> dict:
     """What a completed request's images record besides prompt, seed and size (the writer's), made with
     the model of `spec` (`model.ModelSpec`): its LoRAs, embeddings, VAE and adapters too."""
     from ..engine.customize import custom_metadata
+    from .watermark import watermark_metadata
 
     checkpoint = spec.ckpt
     meta = dict(negative_prompt=r.negative_prompt, steps=r.steps, sampler=r.sampler_name(), scale=r.scale,
                 checkpoint=Path(checkpoint).name if checkpoint else None, checkpoint_hash=checkpoint_hash)
     if r.long_prompts:
         meta.update(long_prompts=True)
+    meta.update(text_metadata(r))
     if r.kind != "txt2img":
         meta.update(init_image=r.init_image_name, strength=r.strength)
     if r.kind == "inpaint":
         meta.update(mask=r.mask_name)
     meta.update(custom_metadata(spec.custom, spec.cfg, r))
+    meta.update(watermark_metadata(r.watermark))
+    meta.update(model_metadata(getattr(spec, "fp8", None), spec.precision))  # --fp8, bf16 (infotext.py)
     return {k: v for k, v in meta.items() if v is not None}
+
+
+def text_metadata(r: Request) -> dict:
+    """The webui's keys for how the prompts were read (only where they differ from its defaults, as it
+    writes them): `Clip skip`, `Pad conds`; and ours, `Prompt syntax: plain` (brackets read as text)."""
+    meta = {}
+    if r.clip_skip != 1:
+        meta["Clip skip"] = r.clip_skip
+    if r.pad_conds:
+        meta["Pad conds"] = True
+    if r.prompt_syntax != "webui":
+        meta["Prompt syntax"] = r.prompt_syntax
+    return meta
 
 
 class RequestWriter:
@@ -38,7 +56,7 @@ class RequestWriter:
 
     def __init__(self, outdir: str | Path, request: Request, meta: dict, fmt: str = "png", skip_save: bool = False,
                  skip_grid: bool = False, n_rows: int = 0):
-        self.writer = ImageWriter(outdir, request.prompt, fmt=fmt, metadata=meta)
+        self.writer = ImageWriter(outdir, request.prompt, fmt=fmt, metadata=meta, watermark=request.watermark)
         self.skip_save, self.skip_grid = skip_save, skip_grid
         self.n_rows = n_rows or request.n_samples
         self.images: list[Image.Image] = []
@@ -49,14 +67,16 @@ class RequestWriter:
     def dir(self) -> Path:
         return self.writer.dir
 
-    def add(self, image: Image.Image | None, seed: int, data: bytes | None = None) -> Path | None:
+    def add(self, image: Image.Image | None, seed: int, data: bytes | None = None,
+            meta: dict | None = None) -> Path | None:
         """Save `image`, or `data`, its file's bytes when encoded already (`ImageWriter.encode`: a
-        cluster worker's); `image` may then be None when there is no grid to make."""
+        cluster worker's); `image` may then be None when there is no grid to make. `meta`: what this
+        image's metadata adds to the request's (`Rendered.meta`: the safety checker's verdict)."""
         if image is not None:
             self.images.append(image)
         if self.skip_save:
             return None
-        path = self.writer.save(image, seed) if data is None else self.writer.save_encoded(data, seed)
+        path = self.writer.save(image, seed, meta) if data is None else self.writer.save_encoded(data, seed)
         self.written.append(path)
         return path
 

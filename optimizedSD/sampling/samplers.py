@@ -47,6 +47,7 @@ from typing import Callable
 import torch
 
 from .ksamplers import KSAMPLERS, ancestral_step, default_noise_sampler, karras_sigmas
+from .lcm import lcm_timesteps, sample_lcm
 
 Denoiser = Callable[..., torch.Tensor]  # denoise(x, sigma, **extra_args) -> x0
 
@@ -158,10 +159,12 @@ class EpsDenoiser:
 
     `eps_fn(x_t, t, context) -> eps` is the UNet: x_t (N, C, H, W), t (N,) float32 DDPM timesteps
     (exact integers for the DDIM/PLMS schedules), context (N, tokens, dim); uncond has cond's
-    shape. x may be sigma-space latents of any dtype; x0 comes back in it. k-diffusion
-    `external.DiscreteEpsDDPMDenoiser` plus CompVis' classifier-free guidance: with `scale != 1`
+    shape (or, prompts of other chunk counts, another token count: then the model runs on each apart).
+    x may be sigma-space latents of any dtype; x0 comes back in it. k-diffusion
+    `external.DiscreteEpsDDPMDenoiser` plus CompVis' classifier-free guidance: with `scale > 1`
     and an `uncond`, the model runs once on cat([uncond, cond]) (uncond first, as CompVis) and
-    eps = eps_u + scale * (eps_c - eps_u); otherwise once on cond alone.
+    eps = eps_u + scale * (eps_c - eps_u); otherwise (scale <= 1, as diffusers'
+    `do_classifier_free_guidance = guidance_scale > 1`) once on cond alone: half the UNet work.
     """
 
     def __init__(self, eps_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
@@ -178,10 +181,14 @@ class EpsDenoiser:
         s = sigma.to(x.dtype).reshape(b, *[1] * (x.ndim - 1))  # (B, 1, 1, 1)
         x_in = x / (s * s + 1).sqrt()  # x_t = sqrt(alpha) * x
 
-        guided = uncond is not None and scale != 1.0
-        if guided and uncond.shape != cond.shape:
+        guided = uncond is not None and scale > 1.0
+        if guided and (uncond.shape[0], uncond.shape[2:]) != (cond.shape[0], cond.shape[2:]):
             raise ValueError(f"uncond {tuple(uncond.shape)} and cond {tuple(cond.shape)} must have "
                              "the same shape (expand uncond to the batch)")
+        if guided and uncond.shape[1] != cond.shape[1]:  # prompts of other lengths: two batches (as the webui)
+            eps_c = self.eps_fn(x_in, t, cond).to(x.dtype)
+            eps_u = self.eps_fn(x_in, t, uncond).to(x.dtype)
+            return x - s * (eps_u + scale * (eps_c - eps_u))
         if guided:
             x_in, t, context = torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([uncond, cond])
         else:
@@ -308,7 +315,8 @@ def sample_plms(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": sample_ddim, "plms": sample_plms, **KSAMPLERS}
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": sample_ddim, "plms": sample_plms, "lcm": sample_lcm,
+                                                    **KSAMPLERS}
 
 
 def takes_noise(name: str) -> bool:
@@ -369,6 +377,10 @@ def make_plan(schedule: Schedule, name: str, steps: int, karras: bool = False) -
     if karras:
         raise ValueError(f"karras sigmas are for the k-samplers ({', '.join(KSAMPLERS)}), not {name}, "
                          "which walks CompVis' DDIM timesteps")
+    if name == "lcm":  # LCM's own timesteps (lcm.py), from x_T = noise at the first, down to sigma 0
+        ts = lcm_timesteps(steps, schedule.timesteps)
+        sigmas = torch.cat([schedule.sigmas[ts], torch.zeros(1, dtype=torch.float64)]).to(torch.float32)
+        return SamplingPlan(sigmas, math.sqrt(1.0 + float(schedule.sigmas[ts[0]]) ** 2), 1.0)
     sigmas = schedule.ddim_sigmas(steps)
     sigma_max = float(schedule.sigmas[schedule.ddim_timesteps(steps)[-1]])  # float64
     sigma_min = float(schedule.sigmas[0])
