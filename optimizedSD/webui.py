@@ -21,6 +21,8 @@ from optimizedSD.fronts.cli import KINDS, Parser, UsageError, add_custom_flags, 
 from optimizedSD.outputs.images import OutputError, check_outdir  # noqa: E402
 from optimizedSD.engine.spec import COMPVIS_CKPT, DEMO_CKPT, resolve_model  # noqa: E402
 from optimizedSD.engine.request import check_memory  # noqa: E402
+from optimizedSD.fronts.api import add_flags as add_api_flags, ckpt_dir_of, first_checkpoint, parse_credentials  # noqa: E402
+from optimizedSD.fronts.api import prepare as prepare_api, serve_args as serve_api  # noqa: E402
 
 DEFAULT_PORT = 7860
 
@@ -48,6 +50,7 @@ def build_parser() -> Parser:
       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network, use --auth)")
     a("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
     a("--auth", type=str, default=None, metavar="USER:PASS", help="ask for this user name and password (gradio's login)")
+    add_api_flags(a)  # --api, --nowebui, --listen, --ckpt_dir, --api-auth, --gradio-auth, ... (fronts/api.py)
     return p
 
 
@@ -80,8 +83,12 @@ def serve(args) -> None:
     from optimizedSD.engine.engine import Engine
     from optimizedSD.fronts.ui import Studio, build
 
+    if args.listen:
+        args.host = "0.0.0.0"
     auth = parse_auth(args.auth)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
+    auth = ([auth] if auth else []) + parse_credentials(args.gradio_auth, "--gradio-auth") or None
+    api_settings = prepare_api(args) if args.api or args.nowebui else None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and auth is None and not args.nowebui:
         print(f"note: listening on {args.host} without --auth: anyone who can reach port {args.port} can use "
               "this server and its device", file=sys.stderr, flush=True)
     if args.vram is not None:
@@ -90,13 +97,18 @@ def serve(args) -> None:
     outdirs = {kind: args.outdir or KINDS[kind][2] for kind in KINDS}
     for outdir in set(outdirs.values()):
         check_outdir(outdir)
-    spec = resolve_model(args.ckpt, args.config, demo=args.demo, device=args.device, **custom_args(args))
+    ckpt = args.ckpt or (None if args.demo else first_checkpoint(ckpt_dir_of(args.ckpt_dir)))
+    spec = resolve_model(ckpt, args.config, demo=args.demo, device=args.device, **custom_args(args))
     if spec.planning:
         raise UsageError("--device meta plans without drawing; the web UI needs cuda, mps or cpu")
     engine = Engine(spec, notify=lambda message: print(message, file=sys.stderr, flush=True))
     print(f"loading {spec.ckpt} on {spec.device} ...", flush=True)
     engine.load()
-    page = build(Studio(engine, outdirs, memory_mode(args)))
+    studio = Studio(engine, outdirs, memory_mode(args))
+    if api_settings is not None:  # one server: the API (and the UI), one engine, one queue
+        return serve_api(args, studio, None if args.nowebui else build(studio), api_settings, gradio_auth=auth,
+                         model_args=dict(config=args.config, device=args.device, **custom_args(args)))
+    page = build(studio)
     page.queue()
     try:  # the port may have been taken since check_port
         page.launch(server_name=args.host, server_port=args.port, auth=auth, share=False, ssr_mode=False,
