@@ -5,7 +5,9 @@ Per model (`Customizations`, part of `ModelSpec`, applied when the engine loads)
 `--adapter_scale`) and the textual-inversion embeddings of a folder (`--embeddings`, default
 `embeddings/` when it exists). Per request (`request_loras`): the LoRAs of `--lora PATH[:WEIGHT]`
 and of `<lora:NAME:WEIGHT>` tags in the prompt, found in the LoRA folders (`--lora_dir`, default
-`models/Lora` then `weights/lora`, under the working directory, then this checkout).
+`models/Lora` then `weights/lora`, under the working directory, then this checkout; each followed
+by the `LyCORIS` folder beside it, where there is one, as the webui reads `models/LyCORIS`; `<lyco:...>`
+tags too).
 Every file is read and checked here, before anything is written; every problem is a `RequestError`
 of one line naming the file and what to do.
 """
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..model.config import SDConfig
-from ..model.paths import DEFAULT_EMBEDDINGS_DIR, DEFAULT_LORA_DIRS, bases
+from ..model.paths import DEFAULT_EMBEDDINGS_DIR, DEFAULT_LORA_DIRS, bases, with_lycoris_siblings
 from .request import Request, RequestError
 
 
@@ -28,17 +30,21 @@ class Customizations:
     embeddings_dir: Path | None = None  # None: no embeddings
     embeddings: tuple = ()  # embeddings.Embedding, read from `embeddings_dir`
     lora_dirs: tuple[Path, ...] = ()  # where `<lora:NAME>` is looked for
+    safety_checker: Path | None = None  # the safety checker's folder or file (custom/safety_file.py)
+    safety: object = None  # its shapes (model.safety.SafetyConfig), read without its weights
+    safety_blur: bool = False  # flagged images blurred instead of black
 
     def arguments(self) -> dict:
         """`resolve_customizations`' arguments that give these again (paths absolute: a cluster worker's)."""
         absolute = lambda p: None if p is None else str(Path(p).resolve())  # noqa: E731
         return dict(vae=absolute(self.vae), adapter_path=absolute(self.adapter_path),
-                    embeddings=absolute(self.embeddings_dir) or "", lora_dirs=[absolute(d) for d in self.lora_dirs])
+                    embeddings=absolute(self.embeddings_dir) or "", lora_dirs=[absolute(d) for d in self.lora_dirs],
+                    safety_checker=absolute(self.safety_checker), safety_blur=self.safety_blur)
 
 
 
 def resolve_customizations(cfg: SDConfig, *, vae=None, adapter_path=None, adapter_scale=None, embeddings=None,
-                           lora_dirs=None) -> tuple[SDConfig, Customizations]:
+                           lora_dirs=None, safety_checker=None, safety_blur=False) -> tuple[SDConfig, Customizations]:
     """(the config with `adapter_scale` applied, the checked customizations). `embeddings=None` takes
     `embeddings/` when it exists, `""` none; `lora_dirs=None` the default LoRA folders."""
     from ..custom.embeddings import EmbeddingError, read_embeddings_dir
@@ -70,10 +76,23 @@ def resolve_customizations(cfg: SDConfig, *, vae=None, adapter_path=None, adapte
         found = tuple(read_embeddings_dir(folder, cfg.text.hidden_size)) if folder is not None else ()
     except EmbeddingError as e:
         raise RequestError(str(e)) from None
-    dirs = tuple(Path(d) for d in lora_dirs) if lora_dirs else tuple(
-        dict.fromkeys(b / d for d in DEFAULT_LORA_DIRS for b in bases()))
+    dirs = with_lycoris_siblings(lora_dirs or dict.fromkeys(b / d for d in DEFAULT_LORA_DIRS for b in bases()))
     return cfg, Customizations(Path(vae) if vae else None, Path(adapter_path) if adapter_path else None,
-                               folder, found, dirs)
+                               folder, found, dirs, **_safety(safety_checker, safety_blur))
+
+
+def _safety(path, blur: bool) -> dict:
+    """Customizations' safety-checker fields: the path, its shapes (layout checked), the blur."""
+    if path is None:
+        if blur:
+            raise RequestError("--safety_blur goes with --safety_checker PATH (what flags the images it blurs)")
+        return {}
+    from ..custom.safety_file import SafetyError, safety_config
+
+    try:
+        return dict(safety_checker=Path(path), safety=safety_config(path), safety_blur=bool(blur))
+    except SafetyError as e:
+        raise RequestError(str(e)) from None
 
 
 # ---- per request -------------------------------------------------------------------------------
@@ -132,6 +151,10 @@ def custom_metadata(custom: Customizations, cfg: SDConfig, r: Request) -> dict:
         meta.update(vae_metadata(custom.vae))
     if custom.adapter_path:
         meta.update(adapter_metadata(custom.adapter_path, cfg.unet.adapters))
+    if custom.safety_checker:
+        from ..custom.safety_file import safety_metadata
+
+        meta.update(safety_metadata(custom.safety_checker, custom.safety_blur))
     return meta
 
 

@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 import torch
 from PIL import Image
 
+from . import hires
 from .customize import prompt_text, request_loras
 from .spec import ModelSpec
 from .request import CLI_LABELS, Request, RequestError, check_memory
@@ -204,8 +205,10 @@ class Engine:
 
     def plan(self, r: Request):
         """The memory plan of a completed request (`planner.choose_plan`), cached per shape and mode."""
+        from .hires import planned_request
         from .planner import PlanError, choose_plan
 
+        r = planned_request(r, self.cfg.downsample_factor)  # the hires fix: its larger second pass
         key = (r.memory, r.unet_bs, r.width, r.height, r.n_samples, r.guided, r.kind != "txt2img", r.sampler)
         if key not in self._plans:
             budget = check_memory(r.memory, CLI_LABELS["memory"])
@@ -287,7 +290,7 @@ class Engine:
         engine = self._engine
         engine.peaks, engine.phase_bytes, engine.setup_bytes = {}, {}, {}
         settings = SampleSettings(sampler=r.sampler, steps=r.steps, scale=r.scale, eta=r.eta, karras=r.karras)
-        steps = sampled_steps(self.cfg, r)
+        steps = sampled_steps(self.cfg, r) + hires.second_pass_steps(pipe.schedule, r)
         f = self.cfg.downsample_factor
         fixed = None
         if r.fixed_code:
@@ -351,6 +354,9 @@ class Engine:
     @staticmethod
     def _latents(pipe, r: Request, seeds, settings, image, mask, fixed, step):
         prompt = prompt_text(r.prompt)
+        if r.kind == "txt2img" and hires.wanted(r):  # base pass, upscale, second pass (hires.py)
+            return hires.hires_latents(pipe, prompt, r.negative_prompt, seeds, r.width, r.height, settings, r,
+                                       fixed_noise=fixed, callback=step)
         if r.kind == "txt2img":
             return pipe.txt2img_latents(prompt, r.negative_prompt, seeds, r.height, r.width, settings,
                                         fixed_noise=fixed, callback=step)
@@ -364,8 +370,15 @@ class Engine:
         """`meta`: the run's figures from a short run per distinct batch size (`planner.predict`): its
         peaks are any run's, its host->device bytes per UNet evaluation times the evaluations of the
         run's sampler give the bytes per step."""
+        from .pipeline import Pipeline
         from .planner import predict
 
+        if hires.wanted(r):  # the base pass, then the second at the larger size, under the one plan
+            images = stats.images
+            for part in hires.pass_requests(r, Pipeline.schedule_of(self.cfg), self.cfg.downsample_factor):
+                stats.images = images
+                self._plan_only(part, plan, stats)
+            return
         start = time.perf_counter()
         batch = plan.batch or r.n_samples
         sizes = [batch] * (r.n_samples // batch) + ([r.n_samples % batch] if r.n_samples % batch else [])

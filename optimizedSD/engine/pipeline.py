@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.config import SDConfig
-from ..model.fragments import TEXT_ENCODER
+from ..model.fragments import TEXT_ENCODER, UNET_IN
 from .conditioning import Scheduled, StepConditioned, encode_pair, schedule_steps
 from .offload import UNET_HALVES, VAE_DECODER, VAE_ENCODER, Offloader, text_layer_unit
 from ..sampling.prompts import parse_weighted

@@ -58,8 +58,9 @@ class MemoryPlan:
 
 
 @functools.cache
-def _meta_fragments(cfg: SDConfig, dtype: torch.dtype):
+def _meta_fragments(cfg: SDConfig, dtype: torch.dtype, fp8: str | None = None):
     """The fragments with every weight on `meta`: the host masters of a planning run cost nothing.
+    `fp8` ("unet", "all"): those fragments' Linear/Conv2d weights in fp8, as `Engine.load` stores them.
     Their pure parts (the text encoder, each UNet block, the VAE's halves) are `replayable`: a
     repeated call (another chunk of rows, another tile, another predict) replays its memory trace."""
     from ..custom.adapters import with_adapters
@@ -67,6 +68,10 @@ def _meta_fragments(cfg: SDConfig, dtype: torch.dtype):
 
     with torch.device("meta"):
         fragments = {name: m.to(dtype) for name, m in with_adapters(build_fragments(cfg), cfg).items()}
+    if fp8:
+        from ..model.fp8 import store_fragments_fp8
+
+        store_fragments_fp8(fragments, fp8)
     parts = [m for _, m in unet_units(fragments)] + [fragments[TEXT_ENCODER]]
     parts += [getattr(fragments[VAE], child) for children in VAE_UNITS.values() for child in children]
     for m in parts:
@@ -82,7 +87,7 @@ SETTLED_STEPS = {"plms": 5, "lms": 5, "dpm2": 3, "dpm2_a": 3, "dpmpp_2m": 3}
 
 def predict(cfg: SDConfig, dtype: torch.dtype, plan: MemoryPlan, height: int, width: int, batch: int,
             guided: bool = True, encode: bool = False, *, precision: str = "autocast",
-            sampler: str = "ddim") -> tuple[dict[str, int], int]:
+            sampler: str = "ddim", fp8: str | None = None, safety=None) -> tuple[dict[str, int], int]:
     """(planned peak device bytes per phase, host->device bytes per UNet evaluation) of a CUDA run
     with `plan` sampling `batch` images at once at `height` x `width` with `sampler`, computed in
     `precision` (`dtype` is its weights' dtype: `weight_dtype(meta, precision)`). With `encode`, an
@@ -94,29 +99,53 @@ def predict(cfg: SDConfig, dtype: torch.dtype, plan: MemoryPlan, height: int, wi
     evaluation moves the same bytes (`Offloader.phase_bytes - setup_bytes`): one per step for most
     samplers; heun, dpm2, dpm2_a, dpmpp_2s_a and dpmpp_sde evaluate twice per step (not at the last),
     plms twice at its first. Units loaded once per sampling loop (resident blocks, --turbo's UNet)
-    are not per-evaluation bytes."""
+    are not per-evaluation bytes. `fp8`: the weights `Engine.load` stores in fp8 ("unet", "all").
+    `safety`: the safety checker's shapes (`model.safety.SafetyConfig`), whose phase after decoding
+    checks the batch's images at once (`_safety`)."""
     encodes = encode or cfg.unet.in_channels != cfg.channels  # 9 channels: inpainting encodes the masked image
     peaks, moved = _sample(cfg, dtype, plan.mode, plan.resident, plan.unet_bs, plan.tile and encodes, height, width,
-                           batch, guided, encode, precision, sampler)
-    return {**peaks, "decode": _decode(cfg, dtype, plan.tile, height, width, batch, precision)}, moved
+                           batch, guided, encode, precision, sampler, fp8)
+    peaks = {**peaks, "decode": _decode(cfg, dtype, plan.tile, height, width, batch, precision)}
+    if safety is not None:
+        peaks["safety"] = _safety(cfg, dtype, safety, batch, precision)
+    return peaks, moved
 
 
-def _planning(cfg, dtype, mode, resident, unet_bs, tile, precision):
+@functools.lru_cache(maxsize=256)
+def _safety(cfg, dtype, safety, batch, precision) -> int:
+    """Peak of the safety phase: the checker's weights (one unit, nothing else on the device then)
+    and its activations on `batch` images of its input size."""
+    from ..model.checkpoint import parameters_on_meta
+    from ..model.safety import SAFETY, SafetyChecker
+    from .pipeline import Pipeline
+
+    with parameters_on_meta():
+        checker = SafetyChecker(safety)
+    checker = checker.to("meta", dtype)
+    meter = MetaMeter()
+    pipe = Pipeline(cfg, Offloader({SAFETY: checker}, torch.device("meta"), meter=meter), dtype=dtype,
+                    precision=precision)
+    with using_policy(auto_policy("cuda")), meter:
+        pipe.safety_flags(torch.zeros(batch, 3, safety.image_size, safety.image_size))
+    return pipe.engine.peaks["safety"]
+
+
+def _planning(cfg, dtype, mode, resident, unet_bs, tile, precision, fp8=None):
     """A meta pipeline for the CUDA run planned, and the meter to run it under."""
     from .pipeline import Pipeline
 
     meter = MetaMeter()
-    engine = Offloader(_meta_fragments(cfg, dtype), torch.device("meta"), mode, resident, meter=meter)
+    engine = Offloader(_meta_fragments(cfg, dtype, fp8), torch.device("meta"), mode, resident, meter=meter)
     return Pipeline(cfg, engine, dtype=dtype, unet_bs=unet_bs, tile=tile, precision=precision), meter
 
 
 @functools.lru_cache(maxsize=4096)
 def _sample(cfg, dtype, mode, resident, unet_bs, tile, height, width, batch, guided, encode, precision,
-            sampler="ddim"):
+            sampler="ddim", fp8=None):
     """({text, encode, sample: peak}, bytes per evaluation) of a run's phases up to sampling (`predict`)."""
     from .pipeline import SampleSettings
 
-    pipe, meter = _planning(cfg, dtype, mode, resident, unet_bs, tile, precision)
+    pipe, meter = _planning(cfg, dtype, mode, resident, unet_bs, tile, precision, fp8)
     with using_policy(auto_policy("cuda")), meter:  # the kernels of the CUDA run planned
         settings = SampleSettings(sampler, SETTLED_STEPS.get(sampler, 2), scale=7.5 if guided else 1.0)
         seeds = list(range(batch))
@@ -192,7 +221,7 @@ def step_seconds(n_samples: int, batch: int, unet_bs: int, streamed_bytes: int, 
 
 def plan_budget(cfg: SDConfig, dtype: torch.dtype, budget: int, height: int, width: int, n_samples: int,
                 guided: bool = True, encode: bool = False, *, precision: str = "autocast",
-                sampler: str = "ddim") -> MemoryPlan:
+                sampler: str = "ddim", fp8: str | None = None, safety=None) -> MemoryPlan:
     """The fastest settings, by `step_seconds`, whose planned peak in every phase is at most `budget`.
 
     Settings: images at once b (n_samples, then halvings), --unet_bs u (rows of b, then halvings),
@@ -209,7 +238,7 @@ def plan_budget(cfg: SDConfig, dtype: torch.dtype, budget: int, height: int, wid
     blocks that fit (memory grows with them), starting from the fewest that could beat the best plan
     so far. Tiling is decided once per b (the VAE phases depend on b and tiling alone).
     """
-    fragments = _meta_fragments(cfg, dtype)
+    fragments = _meta_fragments(cfg, dtype, fp8)
     units = [u for u, _ in unet_units(fragments)]
     unit_bytes = [fragment_bytes(m) for _, m in unet_units(fragments)]
     streamed = [sum(unit_bytes[k:]) for k in range(len(units) + 1)]  # k resident blocks -> bytes per step
@@ -220,12 +249,12 @@ def plan_budget(cfg: SDConfig, dtype: torch.dtype, budget: int, height: int, wid
     def plan_of(b, u, k, tile):
         mode, resident = ("turbo", ()) if k == len(units) else ("stream", tuple(units[:k]))
         peaks, _ = predict(cfg, dtype, MemoryPlan(mode, resident, b, u, tile), height, width, b, guided, encode,
-                           precision=precision, sampler=sampler)
+                           precision=precision, sampler=sampler, fp8=fp8, safety=safety)
         return MemoryPlan(mode, resident, b, u, tile, peaks)
 
     def sampling_fits(b, u):  # with nothing resident (a run of the phases up to sampling: no decode, cheaper)
         peaks, _ = _sample(cfg, dtype, "stream", (), u, bool(tiles.get(b)), height, width, b, guided, encode,
-                           precision, sampler)
+                           precision, sampler, fp8)
         return peaks["sample"] <= budget
 
     def seconds(b, u, k):
@@ -270,11 +299,13 @@ def plan_budget(cfg: SDConfig, dtype: torch.dtype, budget: int, height: int, wid
 
 def choose_plan(cfg: SDConfig, dtype: torch.dtype, *, turbo: bool, lowvram: bool, vram: int | None,
                 unet_bs: int, height: int, width: int, n_samples: int, guided: bool,
-                encode: bool = False, precision: str = "autocast", sampler: str = "ddim") -> MemoryPlan:
-    """The memory settings of a run: --turbo, --lowvram, --vram SIZE, or the four-fragment default."""
+                encode: bool = False, precision: str = "autocast", sampler: str = "ddim",
+                fp8: str | None = None, safety=None) -> MemoryPlan:
+    """The memory settings of a run: --turbo, --lowvram, --vram SIZE, or the four-fragment default;
+    `safety`: the safety checker's shapes, when the run has one (its phase must fit a budget too)."""
     if vram is not None:
         return plan_budget(cfg, dtype, vram, height, width, n_samples, guided, encode, precision=precision,
-                           sampler=sampler)
+                           sampler=sampler, fp8=fp8, safety=safety)
     if lowvram:  # tiles only change images larger than one tile (512x512 pixels)
         return MemoryPlan("stream", (), None, unet_bs, tile=True)
     return MemoryPlan("turbo" if turbo else "default", (), None, unet_bs)

@@ -235,9 +235,8 @@ def check_hires(r: Request, cfg: SDConfig, labels: dict = CLI_LABELS) -> None:
         raise RequestError(f"{L['hr_denoise']} {r.hr_denoise} of {steps} steps runs no sampling step; raise it to "
                            f"at least {1 / steps:.3g} or use more {L['hr_steps']}")
     width, height = target_of(r, cfg.downsample_factor).pixels(cfg.downsample_factor)
-    side = smallest_side(cfg)
-    if width < side or height < side or not _big_enough(cfg, height // cfg.downsample_factor,
-                                                         width // cfg.downsample_factor):
+    if not _big_enough(cfg, height // cfg.downsample_factor, width // cfg.downsample_factor):
+        side = smallest_side(cfg)
         raise RequestError(f"the hires fix's size {width}x{height} is too small for this model (at least "
                            f"{side}x{side}); raise {L['hr_scale']} or the resize")
 

@@ -31,6 +31,7 @@ class ModelSpec:
     ema: bool = False
     demo: bool = False
     custom: Customizations = Customizations()  # VAE, adapters, embeddings, LoRA folders (customize.py)
+    fp8: str | None = None  # "unet" or "all": those fragments' Linear/Conv2d weights stored in fp8 (model/fp8.py)
 
     @property
     def planning(self) -> bool:
@@ -61,10 +62,12 @@ class ModelSpec:
 def resolve_model(ckpt: str | Path | None = None, config: str | Path | None = None, *, demo: bool = False,
                   device: str | None = None, precision: str | None = None, ema: bool = False,
                   notify: Callable[[str], None] = lambda message: None, vae=None, adapter_path=None,
-                  adapter_scale=None, embeddings=None, lora_dirs=None) -> ModelSpec:
+                  adapter_scale=None, embeddings=None, lora_dirs=None, fp8: str | None = None,
+                  safety_checker=None, safety_blur=False) -> ModelSpec:
     """The model to load, found and checked (see the module docstring); nothing is loaded. Without a
     `precision`, the device's (`pipeline.default_precision`: upcast on GTX 16xx cards, said to `notify`).
-    `vae`, `adapter_path`, `adapter_scale`, `embeddings`, `lora_dirs`: `customize.resolve_customizations`."""
+    `vae`, `adapter_path`, `adapter_scale`, `embeddings`, `lora_dirs`: `customize.resolve_customizations`.
+    `fp8`: "unet" or "all" (`check_fp8`)."""
     from .pipeline import PRECISIONS, default_precision, native_bf16, weight_dtype
 
     if demo:
@@ -75,6 +78,7 @@ def resolve_model(ckpt: str | Path | None = None, config: str | Path | None = No
     except ConfigError as e:
         raise RequestError(str(e)) from None
     device = resolve_device(device)
+    check_fp8(fp8)
     if precision is None:
         precision, note = default_precision(device)
         if note:
@@ -98,8 +102,23 @@ def resolve_model(ckpt: str | Path | None = None, config: str | Path | None = No
     except VocabNotFoundError as e:
         raise RequestError(str(e)) from None
     cfg, custom = resolve_customizations(cfg, vae=vae, adapter_path=adapter_path, adapter_scale=adapter_scale,
-                                         embeddings=embeddings, lora_dirs=lora_dirs)
-    return ModelSpec(path, cfg, device, precision, weight_dtype(device, precision), ema, demo, custom)
+                                         embeddings=embeddings, lora_dirs=lora_dirs, safety_checker=safety_checker,
+                                         safety_blur=safety_blur)
+    return ModelSpec(path, cfg, device, precision, weight_dtype(device, precision), ema, demo, custom, fp8)
+
+
+def check_fp8(fp8: str | None) -> None:
+    """--fp8's value: None (off), "unet" or "all" (`model.fp8.FP8_PARTS`), on a torch with float8 dtypes."""
+    from ..model import fp8 as fp8_weights
+
+    if fp8 is None:
+        return
+    if fp8 not in fp8_weights.FP8_PARTS:
+        raise RequestError(f"--fp8 {fp8}: choose unet (the UNet's weights in fp8) or all (the text encoder's too); "
+                           "the VAE always keeps the precision's dtype")
+    if not fp8_weights.available():
+        raise RequestError(f"--fp8 needs torch >= 2.1 with float8_e4m3fn; this torch {torch.__version__} has none: "
+                           "upgrade torch or drop --fp8")
 
 
 def _demo_file(path: Path) -> str:

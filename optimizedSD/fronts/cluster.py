@@ -108,9 +108,10 @@ class RenderWorker:
         self.notes.clear()
         stats = RunStats()
         items = [item for batch in engine.render(r, stats=stats, iterations=[iteration]) for item in batch]
-        encoder = ImageWriter("", r.prompt, fmt=run["fmt"], metadata=run["metas"][index])  # encodes, writes nothing
+        encoder = ImageWriter("", r.prompt, fmt=run["fmt"], metadata=run["metas"][index],
+                              watermark=r.watermark)  # encodes, writes nothing
         return dict(seeds=[item.seed for item in items], notes=list(self.notes), stats=stats,
-                    files=[encoder.encode(item.image, item.seed) for item in items] if run["files"] else None,
+                    files=[encoder.encode(item.image, item.seed, item.meta) for item in items] if run["files"] else None,
                     images=[np.asarray(item.image) for item in items] if run["pixels"] else None)
 
     def _engine(self):

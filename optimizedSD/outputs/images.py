@@ -125,17 +125,19 @@ class ImageWriter:
 
     `metadata`: negative_prompt, sampler, steps, scale, checkpoint (path or name; the file name is
     stored), checkpoint_hash (`file_hash`), plus any extra keys; prompt, seed and size (from the
-    image) are filled in here. Nothing touches the disk until the first save.
+    image) are filled in here. Nothing touches the disk until the first save. `watermark`: the
+    payload every image and grid gets before it is encoded (`watermark.apply`, the reference's), or None.
     """
 
     def __init__(self, outdir: str | os.PathLike, prompt: str, fmt: str = "png",
-                 metadata: dict | None = None):
+                 metadata: dict | None = None, watermark: str | None = None):
         if fmt.lower() not in _FORMATS:
             raise ValueError(f"image format must be one of {sorted(_FORMATS)}, got {fmt!r}")
         self.ext = _FORMATS[fmt.lower()]
         self.prompt = prompt
         self.dir = Path(outdir) / slugify(prompt)
         self.metadata = dict(metadata or {})
+        self.watermark = watermark
         self._next = {"image": 0, "grid": 0}  # lower bounds; the folder is rescanned every save
 
     def save(self, image: Image.Image, seed: int, extra_meta: dict | None = None) -> Path:
@@ -169,6 +171,10 @@ class ImageWriter:
         return {k: meta[k] for k in order if meta[k] is not None}
 
     def _encode(self, image: Image.Image, meta: dict) -> bytes:
+        if self.watermark:
+            from .watermark import apply
+
+            image = apply(image, self.watermark)
         buf = io.BytesIO()
         params = parameters_text(meta)
         if self.ext == "png":
