@@ -202,7 +202,7 @@ def test_dpmpp_ancestral_and_sde_match_written_out_dpm_solver_pp(sampler, refere
 
 def test_which_samplers_draw_noise():
     assert {name for name in SAMPLERS if takes_noise(name)} == {"ddim", "euler_a", "dpm2_a", "dpmpp_2s_a",
-                                                                 "dpmpp_sde"}
+                                                                 "dpmpp_sde", "lcm"}
     schedule = Schedule()
     noise, cond, uncond = inputs()
 
