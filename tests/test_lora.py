@@ -253,7 +253,7 @@ def _pair(down_shape, up_shape):
     ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 32),
       "lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)},
      "1 key.*match no layer.*lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight"),
-    ({"lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a": torch.zeros(4, 32)}, "LyCORIS"),
+    ({"lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a": torch.zeros(4, 32)}, "LoHa layer without hada_w1_b"),
     ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 32)},
      "lacks its lora_down or lora_up"),
     ({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 32, 1, 1),

@@ -5,7 +5,9 @@ Layouts:
 - kohya-ss / AUTOMATIC1111 webui: `lora_unet_<diffusers module path, dots as _>.lora_down.weight`,
   `.lora_up.weight` and `.alpha`; the text encoder's as `lora_te_text_model_encoder_layers_<i>_...`.
   Linear and Conv2d layers (LoCon: the ResBlocks' 3x3 convolutions, down- and upsamplers). Scale
-  alpha / rank (no alpha: 1). `lora_unet_<CompVis module path>` names are read too.
+  alpha / rank (no alpha: 1). `lora_unet_<CompVis module path>` names are read too. The LyCORIS kinds
+  in the same naming (LoHa, LoKr, CP-decomposed LoCon, DoRA, (IA)^3, full and norm diffs, on norm
+  layers too) are `LycorisLayer`s, their changes built by `lycoris.py`; OFT/BOFT, GLoRA are refused.
 - diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight`, `text_encoder.[text_model.]<module>...`.
   Scale lora_alpha / r from the `lora_adapter_metadata` diffusers writes into a .safetensors header
   (with its rank_pattern / alpha_pattern, and alpha / sqrt(r) for rsLoRA); without it, 1 (diffusers'
@@ -33,12 +35,11 @@ from ..model.fragments import fragment_of
 from ..model.hashes import hash_list, lora_hash
 from ..model.paths import is_inside, name_problem
 from ..model.weights_file import PICKLES, SAFETENSORS, read_tensors
+from . import lycoris
 
 UNET_NAME, TEXT_NAME = "model.diffusion_model.", "cond_stage_model.transformer.text_model."  # checkpoint prefixes
 LORA_SUFFIXES = (SAFETENSORS, *PICKLES)
-_TAG = re.compile(r"<lora:([^>]*)>")  # the webui's extra-network syntax, lora only
-# Layer types of LyCORIS and others that are not a plain low-rank product (kohya-side key parts).
-_UNSUPPORTED = ("hada_", "lokr_", "lora_mid", "dora_scale", "diff", "w_norm", "b_norm", "oft_", "lora_magnitude")
+_TAG = re.compile(r"<(?:lora|lyco):([^>]*)>")  # the webui's extra-network syntax; `lyco:` its older alias
 
 
 class LoraError(Exception):
@@ -53,11 +54,18 @@ class LoraLayer:
     scale: float  # alpha / rank: the layer's weight changes by scale * up @ down (convs: per kernel tap)
 
 
+@dataclass(frozen=True, eq=False)
+class LycorisLayer:
+    target: str  # checkpoint module name (a Linear, Conv2d, LayerNorm or GroupNorm)
+    parts: dict  # the module's tensors by name in the file (`hada_w1_a`, `alpha`, ...): see lycoris.py
+    params: tuple[str, ...]  # what it changes: ("weight",), ("bias",) or both
+
+
 @dataclass(frozen=True)
 class Lora:
     name: str  # the file's stem, as the webui names it
     path: Path
-    layers: tuple[LoraLayer, ...]
+    layers: tuple[LoraLayer | LycorisLayer, ...]
 
 
 # ---- the table: diffusers module names -> ours ---------------------------------------------------
@@ -72,13 +80,24 @@ def lora_targets(cfg: SDConfig) -> dict[str, str]:
 @functools.cache
 def _targets(cfg: SDConfig) -> dict[str, str]:
     shapes = _weight_shapes(cfg)
-    pairs = [("unet." + d, UNET_NAME + o) for d, o in _unet_pairs(cfg)]
+    return {d: o for d, o in _pairs(cfg) if o in shapes}  # a ResBlock's conv_shortcut exists only where channels change
+
+
+@functools.cache
+def _norm_targets(cfg: SDConfig) -> dict[str, str]:
+    """As `_targets`, for the LayerNorm and GroupNorm layers (LyCORIS' w_norm / b_norm)."""
+    shapes = _param_shapes(cfg)
+    return {d: o for d, o in _pairs(cfg) if o + ".weight" in shapes and o not in _weight_shapes(cfg)}
+
+
+def _pairs(cfg: SDConfig):
+    yield from (("unet." + d, UNET_NAME + o) for d, o in _unet_pairs(cfg))
     for i in range(cfg.text.num_hidden_layers):
         for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-                     "mlp.fc1", "mlp.fc2"):
+                     "mlp.fc1", "mlp.fc2", "layer_norm1", "layer_norm2"):
             name = f"encoder.layers.{i}.{part}"
-            pairs.append((f"text_encoder.text_model.{name}", TEXT_NAME + name))
-    return {d: o for d, o in pairs if o in shapes}  # a ResBlock's conv_shortcut exists only where channels change
+            yield f"text_encoder.text_model.{name}", TEXT_NAME + name
+    yield "text_encoder.text_model.final_layer_norm", TEXT_NAME + "final_layer_norm"
 
 
 def _unet_pairs(cfg: SDConfig):
@@ -86,7 +105,7 @@ def _unet_pairs(cfg: SDConfig):
     u = cfg.unet
     levels, n = len(u.channel_mult), u.num_res_blocks
     yield from (("conv_in", "input_blocks.0.0"), ("time_embedding.linear_1", "time_embed.0"),
-                ("time_embedding.linear_2", "time_embed.2"), ("conv_out", "out.2"))
+                ("time_embedding.linear_2", "time_embed.2"), ("conv_out", "out.2"), ("conv_norm_out", "out.0"))
     for i in range(levels):  # down_blocks.i: level i, its ResBlocks and transformers in input_blocks
         attention = 2 ** i in u.attention_resolutions
         for j in range(n):
@@ -113,17 +132,17 @@ def _unet_pairs(cfg: SDConfig):
 
 def _resnet(d: str, o: str):
     for a, b in (("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"), ("conv2", "out_layers.3"),
-                 ("conv_shortcut", "skip_connection")):
+                 ("conv_shortcut", "skip_connection"), ("norm1", "in_layers.0"), ("norm2", "out_layers.0")):
         yield f"{d}.{a}", f"{o}.{b}"
 
 
 def _transformer(d: str, o: str, depth: int):
-    yield from ((f"{d}.proj_in", f"{o}.proj_in"), (f"{d}.proj_out", f"{o}.proj_out"))
+    yield from ((f"{d}.proj_in", f"{o}.proj_in"), (f"{d}.proj_out", f"{o}.proj_out"), (f"{d}.norm", f"{o}.norm"))
     for k in range(depth):
         for attn in ("attn1", "attn2"):
             for part in ("to_q", "to_k", "to_v", "to_out.0"):
                 yield f"{d}.transformer_blocks.{k}.{attn}.{part}", f"{o}.transformer_blocks.{k}.{attn}.{part}"
-        for part in ("ff.net.0.proj", "ff.net.2"):
+        for part in ("ff.net.0.proj", "ff.net.2", "norm1", "norm2", "norm3"):
             yield f"{d}.transformer_blocks.{k}.{part}", f"{o}.transformer_blocks.{k}.{part}"
 
 
@@ -143,11 +162,28 @@ def _weight_shapes(cfg: SDConfig) -> dict[str, tuple[int, ...]]:
 
 
 @functools.cache
+def _param_shapes(cfg: SDConfig) -> dict[str, tuple[int, ...]]:
+    """checkpoint parameter key (`<module>.weight`, `<module>.bias`) -> shape, of every Linear, Conv2d,
+    LayerNorm and GroupNorm of UNet and text encoder (the layers a LyCORIS file may change)."""
+    from ..model.checkpoint import parameters_on_meta
+    from ..model.fragments import TEXT_ENCODER, UNET_IN, UNET_OUT, build_fragment, checkpoint_key
+
+    out = {}
+    with parameters_on_meta():
+        for fragment in (UNET_IN, UNET_OUT, TEXT_ENCODER):
+            for name, module in build_fragment(fragment, cfg).named_modules():
+                if isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm)):
+                    for p, t in module.named_parameters(recurse=False):
+                        out[checkpoint_key(fragment, f"{name}.{p}")] = tuple(t.shape)
+    return out
+
+
+@functools.cache
 def _kohya_names(cfg: SDConfig) -> dict[str, str]:
     """kohya name (`lora_unet_down_blocks_0_attentions_0_proj_in`, `lora_te_text_model_encoder_...`,
     or CompVis-style `lora_unet_input_blocks_1_1_proj_in`) -> checkpoint module name."""
     out = {}
-    for d, o in _targets(cfg).items():
+    for d, o in {**_targets(cfg), **_norm_targets(cfg)}.items():
         kind, _, module = d.partition(".")
         out[("lora_unet." if kind == "unet" else "lora_te.") + module] = o
         if o.startswith(UNET_NAME):
@@ -173,7 +209,11 @@ def read_lora(path: str | Path, cfg: SDConfig) -> Lora:
                         f"{_some(sorted(tensors), 3)}); only lora_down/lora_up or lora_A/lora_B files can be used")
     shapes = _weight_shapes(cfg)
     layers = []
-    for target, (down, up, scale, key) in sorted(pieces.items()):
+    for target, piece in sorted(pieces.items()):
+        if isinstance(piece, LycorisLayer):  # checked as it was made
+            layers.append(piece)
+            continue
+        down, up, scale, key = piece
         if down.ndim != up.ndim or down.shape[0] != up.shape[1] or up.shape[2:] not in ((), (1, 1)):
             raise LoraError(f"{path}: {key} has down {tuple(down.shape)} and up {tuple(up.shape)}, which do not make "
                             f"a low-rank product; the file is damaged or of an unsupported kind")
@@ -193,22 +233,47 @@ def _kohya_pieces(path: Path, tensors: dict, cfg: SDConfig) -> dict[str, tuple]:
     unknown = []
     for key, tensor in tensors.items():
         module, _, part = key.partition(".")
-        if any(u in part for u in _UNSUPPORTED):
-            raise LoraError(f"{path}: {key} is a LyCORIS/DoRA layer (LoHa, LoKr, DoRA, CP-decomposed or full "
-                            f"diff), which is not supported; only plain LoRA/LoCon (lora_down, lora_up, alpha)")
-        if module not in names or part not in ("lora_down.weight", "lora_up.weight", "alpha"):
+        if lycoris.refused_kind(part):
+            raise LoraError(f"{path}: {key} is a {lycoris.refused_kind(part)} layer (LyCORIS), which is not supported; "
+                            f"LoRA/LoCon, LoHa, LoKr, DoRA, (IA)^3 and full/norm diffs are")
+        if module not in names or part not in lycoris.PARTS:
             unknown.append(key)
             continue
         groups.setdefault(module, {})[part] = tensor
     _no_unknown(path, unknown)
     pieces = {}
     for module, parts in groups.items():
+        if not set(parts) <= set(lycoris.PLAIN) or names[module] not in _weight_shapes(cfg):
+            pieces[names[module]] = _lycoris_layer(path, module, parts, names[module], cfg)
+            continue
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
             raise LoraError(f"{path}: {module} lacks its lora_down or lora_up weight; the file is incomplete")
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])  # none: alpha = rank
         pieces[names[module]] = (down, up, alpha / down.shape[0], module)
     return pieces
+
+
+def _lycoris_layer(path: Path, module: str, parts: dict, target: str, cfg: SDConfig) -> LycorisLayer:
+    """One module of another kind than a plain LoRA, its shapes checked (on `meta`) against `target`'s."""
+    shapes = _param_shapes(cfg)
+    kind = "?"
+    try:
+        kind = lycoris.kind_of(parts)
+        params = lycoris.params(parts)
+        light = {k: v if v.numel() == 1 else v.to("meta") for k, v in parts.items()}  # shapes only
+        for param in params:
+            if f"{target}.{param}" not in shapes:
+                raise lycoris.LycorisError(f"changes the {param} of {target}, which has none")
+            meta = torch.empty(shapes[f"{target}.{param}"], device="meta")
+            (lycoris.weight_delta if param == "weight" else lycoris.bias_delta)(light, meta)
+    except lycoris.LycorisError as e:
+        raise LoraError(f"{path}: {module} {e}; the file is damaged or of an unsupported kind") from None
+    except RuntimeError:  # torch's own shape errors: say which tensors do not fit
+        sizes = ", ".join(f"{p} {tuple(t.shape)}" for p, t in sorted(parts.items()) if t.numel() > 1)
+        raise LoraError(f"{path}: {module} ({kind}: {sizes}) does not fit this model's {target} "
+                        f"{shapes.get(target + '.weight')}; the file is damaged or was made for another model") from None
+    return LycorisLayer(target, dict(parts), params)
 
 
 def _peft_pieces(path: Path, tensors: dict, metadata: dict, cfg: SDConfig) -> dict[str, tuple]:
@@ -315,13 +380,14 @@ def apply_loras(fragments: dict[str, nn.Module], loras: list[tuple[Lora, float]]
     cast(W_fp32 + sum of weight * scale * up @ down), one layer at a time (a single fp32 copy of one
     weight at once: `addmm_` accumulates the products into it). Only between phases (every weight on
     the host); undo one patch (`LoraPatch.undo`) before applying the next."""
-    by_target: dict[str, list[tuple[LoraLayer, float]]] = {}
+    by_target: dict[str, list[tuple[LoraLayer | LycorisLayer, float]]] = {}  # parameter key -> its changes
     for lora, weight in loras:
         if weight != 0:
             for layer in lora.layers:
-                by_target.setdefault(layer.target, []).append((layer, weight))
+                for param in getattr(layer, "params", ("weight",)):
+                    by_target.setdefault(f"{layer.target}.{param}", []).append((layer, weight))
     patch = LoraPatch(loras)
-    weights = {t: fragments[f].get_parameter(k) for t in by_target for f, k in [fragment_of(t + ".weight")]}
+    weights = {t: fragments[f].get_parameter(k) for t in by_target for f, k in [fragment_of(t)]}
     for target, weight in weights.items():
         if weight.device.type not in ("cpu", "meta"):
             raise RuntimeError(f"{target} is on {weight.device}: patch LoRAs only between phases")
@@ -339,8 +405,14 @@ def apply_loras(fragments: dict[str, nn.Module], loras: list[tuple[Lora, float]]
                     scratch[weight.device] = torch.empty(size, dtype=torch.float32, device=weight.device)
                 total = scratch[weight.device][:weight.numel()].view(weight.shape).copy_(weight)  # (out, in[, kh, kw])
             flat = total.view(total.shape[0], -1)  # (out, in * kh * kw): conv kernels as rows
+            original = patch._originals[-1][1]
             for layer, w in layers:
-                flat.addmm_(layer.up.flatten(1).float(), layer.down.flatten(1).float(), alpha=layer.scale * w)
+                if isinstance(layer, LoraLayer):
+                    flat.addmm_(layer.up.flatten(1).float(), layer.down.flatten(1).float(), alpha=layer.scale * w)
+                else:  # a LyCORIS kind: its change from the original weight (DoRA, (IA)^3 need it), in fp32
+                    delta = (lycoris.weight_delta if target.endswith(".weight") else lycoris.bias_delta)(
+                        layer.parts, original)
+                    total.add_(delta.reshape(total.shape), alpha=w)
             if not in_place:
                 weight.copy_(total)  # the one rounding to the weight's dtype
     return patch

@@ -15,6 +15,17 @@ DEFAULT_LORA_DIRS = (Path("models/Lora"), Path("weights/lora"))  # where <lora:N
 DEFAULT_EMBEDDINGS_DIR = Path("embeddings")
 
 
+def with_lycoris_siblings(dirs) -> tuple[Path, ...]:
+    """`dirs`, each followed by the `LyCORIS` folder beside it where there is one (the webui reads
+    `models/LyCORIS` next to `models/Lora`, where the LyCORIS extension kept its files), no repeats."""
+    out = []
+    for d in map(Path, dirs):
+        out.append(d)
+        if (d.parent / "LyCORIS").is_dir():
+            out.append(d.parent / "LyCORIS")
+    return tuple(dict.fromkeys(out))
+
+
 def bases() -> list[Path]:
     """The folders default locations are looked for under: the working directory, then `ROOT`."""
     return list(dict.fromkeys([Path.cwd(), ROOT]))
