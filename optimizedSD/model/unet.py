@@ -230,6 +230,10 @@ class Carry:
     t: torch.Tensor | None = None  # (rows,) timesteps, until `time_embed` has used them
     emb: torch.Tensor | None = None  # (rows, 4 * model_channels) time embedding
     skips: list[torch.Tensor] = field(default_factory=list)  # input_blocks' outputs, consumed last-first
+    # hook point (a ControlNet, engine/control.py): residuals, one per skip connection and the middle
+    # block's last (None: nothing to add); popped as `skips` are, each added to its skip connection (the
+    # last to the middle block's output)
+    control: list[torch.Tensor] | None = None
 
 
 class UNetInput(nn.Module):
@@ -273,6 +277,9 @@ class UNetInput(nn.Module):
 
     def _middle(self, c: Carry) -> None:
         c.h = self.middle_block(c.h, c.emb, c.context)
+        residual = c.control.pop() if c.control else None
+        if residual is not None:
+            c.h = inplace.add(c.h, residual)
 
     def forward(self, x, t, context):
         c = Carry(x, context, t)
@@ -311,7 +318,8 @@ class UNetOutput(nn.Module):
 
     @staticmethod
     def _output(block, c: Carry) -> None:
-        h = torch.cat([c.h, c.skips.pop()], dim=1)
+        skip, residual = c.skips.pop(), c.control.pop() if c.control else None
+        h = torch.cat([c.h, skip if residual is None else skip + residual], dim=1)
         # An upsampler brings h to the size of the next skip connection it will be joined with.
         c.h = block(h, c.emb, c.context, upsample_size=c.skips[-1].shape[-2:] if c.skips else None)
 
