@@ -99,7 +99,7 @@ class Control:
         """Set up the nets acting in this evaluation of rows x (N, C, h, w) at timesteps t (N,), cut
         into `chunks` of `unet_bs` rows: a `ControlCarry` per net and chunk on the rows it sees, and
         each chunk's `control` list to sum the residuals into."""
-        step = self.step_of(float(t[0]))
+        step = 0 if t.is_meta else self.step_of(float(t[0]))  # planning: every net acts
         self._run = [(a, w) for a in self.nets for w in (self.weight(a.unit, step),) if w != 0.0]
         acting = {a.fragment for a, _ in self._run}
         self.engine.idle = {u for a in self.nets if a.fragment not in acting for u in self.engine.units[a.fragment]}

@@ -58,21 +58,26 @@ class MemoryPlan:
 
 
 @functools.cache
-def _meta_fragments(cfg: SDConfig, dtype: torch.dtype, fp8: str | None = None):
+def _meta_fragments(cfg: SDConfig, dtype: torch.dtype, fp8: str | None = None, controls: int = 0):
     """The fragments with every weight on `meta`: the host masters of a planning run cost nothing.
     `fp8` ("unet", "all"): those fragments' Linear/Conv2d weights in fp8, as `Engine.load` stores them.
     Their pure parts (the text encoder, each UNet block, the VAE's halves) are `replayable`: a
-    repeated call (another chunk of rows, another tile, another predict) replays its memory trace."""
+    repeated call (another chunk of rows, another tile, another predict) replays its memory trace.
+    `controls`: that many full-size ControlNets for the UNet (`controlnet0`, ...), 3-channel hints."""
     from ..custom.adapters import with_adapters
+    from ..model.controlnet import ControlNet
     from ..model.fragments import VAE, build_fragments
 
     with torch.device("meta"):
         fragments = {name: m.to(dtype) for name, m in with_adapters(build_fragments(cfg), cfg).items()}
+        fragments.update((f"controlnet{i}", ControlNet(cfg.unet).eval().requires_grad_(False).to(dtype))
+                         for i in range(controls))
     if fp8:
         from ..model.fp8 import store_fragments_fp8
 
         store_fragments_fp8(fragments, fp8)
-    parts = [m for _, m in unet_units(fragments)] + [fragments[TEXT_ENCODER]]
+    parts = [p for _, m in unet_units(fragments) for p in (m if isinstance(m, torch.nn.ModuleList) else [m])]
+    parts += [fragments[TEXT_ENCODER]]
     parts += [getattr(fragments[VAE], child) for children in VAE_UNITS.values() for child in children]
     for m in parts:
         replayable(m)
@@ -87,7 +92,7 @@ SETTLED_STEPS = {"plms": 5, "lms": 5, "dpm2": 3, "dpm2_a": 3, "dpmpp_2m": 3}
 
 def predict(cfg: SDConfig, dtype: torch.dtype, plan: MemoryPlan, height: int, width: int, batch: int,
             guided: bool = True, encode: bool = False, *, precision: str = "autocast",
-            sampler: str = "ddim", fp8: str | None = None, safety=None) -> tuple[dict[str, int], int]:
+            sampler: str = "ddim", fp8: str | None = None, safety=None, controls: int = 0) -> tuple[dict[str, int], int]:
     """(planned peak device bytes per phase, host->device bytes per UNet evaluation) of a CUDA run
     with `plan` sampling `batch` images at once at `height` x `width` with `sampler`, computed in
     `precision` (`dtype` is its weights' dtype: `weight_dtype(meta, precision)`). With `encode`, an
@@ -101,10 +106,11 @@ def predict(cfg: SDConfig, dtype: torch.dtype, plan: MemoryPlan, height: int, wi
     plms twice at its first. Units loaded once per sampling loop (resident blocks, --turbo's UNet)
     are not per-evaluation bytes. `fp8`: the weights `Engine.load` stores in fp8 ("unet", "all").
     `safety`: the safety checker's shapes (`model.safety.SafetyConfig`), whose phase after decoding
-    checks the batch's images at once (`_safety`)."""
+    checks the batch's images at once (`_safety`). `controls`: full-size ControlNets acting at every
+    step on a 3-channel hint of the render's size (engine/control.py)."""
     encodes = encode or cfg.unet.in_channels != cfg.channels  # 9 channels: inpainting encodes the masked image
     peaks, moved = _sample(cfg, dtype, plan.mode, plan.resident, plan.unet_bs, plan.tile and encodes, height, width,
-                           batch, guided, encode, precision, sampler, fp8)
+                           batch, guided, encode, precision, sampler, fp8, controls)
     peaks = {**peaks, "decode": _decode(cfg, dtype, plan.tile, height, width, batch, precision)}
     if safety is not None:
         peaks["safety"] = _safety(cfg, dtype, safety, batch, precision)
@@ -130,22 +136,29 @@ def _safety(cfg, dtype, safety, batch, precision) -> int:
     return pipe.engine.peaks["safety"]
 
 
-def _planning(cfg, dtype, mode, resident, unet_bs, tile, precision, fp8=None):
-    """A meta pipeline for the CUDA run planned, and the meter to run it under."""
+def _planning(cfg, dtype, mode, resident, unet_bs, tile, precision, fp8=None, controls=0, size=None):
+    """A meta pipeline for the CUDA run planned, and the meter to run it under; with `controls`
+    ControlNets acting at every step on hints of `size` (height, width), on the host as in a real run."""
+    from .control import ActiveNet, Control, ControlUnit
     from .pipeline import Pipeline
 
     meter = MetaMeter()
-    engine = Offloader(_meta_fragments(cfg, dtype, fp8), torch.device("meta"), mode, resident, meter=meter)
-    return Pipeline(cfg, engine, dtype=dtype, unet_bs=unet_bs, tile=tile, precision=precision), meter
+    fragments = _meta_fragments(cfg, dtype, fp8, controls)
+    engine = Offloader(fragments, torch.device("meta"), mode, resident, meter=meter)
+    pipe = Pipeline(cfg, engine, dtype=dtype, unet_bs=unet_bs, tile=tile, precision=precision)
+    if controls:
+        pipe.control = Control([ActiveNet(f"controlnet{i}", fragments[f"controlnet{i}"], torch.zeros(1, 3, *size),
+                                          ControlUnit("plan")) for i in range(controls)], engine)
+    return pipe, meter
 
 
 @functools.lru_cache(maxsize=4096)
 def _sample(cfg, dtype, mode, resident, unet_bs, tile, height, width, batch, guided, encode, precision,
-            sampler="ddim", fp8=None):
+            sampler="ddim", fp8=None, controls=0):
     """({text, encode, sample: peak}, bytes per evaluation) of a run's phases up to sampling (`predict`)."""
     from .pipeline import SampleSettings
 
-    pipe, meter = _planning(cfg, dtype, mode, resident, unet_bs, tile, precision, fp8)
+    pipe, meter = _planning(cfg, dtype, mode, resident, unet_bs, tile, precision, fp8, controls, (height, width))
     with using_policy(auto_policy("cuda")), meter:  # the kernels of the CUDA run planned
         settings = SampleSettings(sampler, SETTLED_STEPS.get(sampler, 2), scale=7.5 if guided else 1.0)
         seeds = list(range(batch))
@@ -221,7 +234,7 @@ def step_seconds(n_samples: int, batch: int, unet_bs: int, streamed_bytes: int, 
 
 def plan_budget(cfg: SDConfig, dtype: torch.dtype, budget: int, height: int, width: int, n_samples: int,
                 guided: bool = True, encode: bool = False, *, precision: str = "autocast",
-                sampler: str = "ddim", fp8: str | None = None, safety=None) -> MemoryPlan:
+                sampler: str = "ddim", fp8: str | None = None, safety=None, controls: int = 0) -> MemoryPlan:
     """The fastest settings, by `step_seconds`, whose planned peak in every phase is at most `budget`.
 
     Settings: images at once b (n_samples, then halvings), --unet_bs u (rows of b, then halvings),
@@ -238,7 +251,7 @@ def plan_budget(cfg: SDConfig, dtype: torch.dtype, budget: int, height: int, wid
     blocks that fit (memory grows with them), starting from the fewest that could beat the best plan
     so far. Tiling is decided once per b (the VAE phases depend on b and tiling alone).
     """
-    fragments = _meta_fragments(cfg, dtype, fp8)
+    fragments = _meta_fragments(cfg, dtype, fp8, controls)
     units = [u for u, _ in unet_units(fragments)]
     unit_bytes = [fragment_bytes(m) for _, m in unet_units(fragments)]
     streamed = [sum(unit_bytes[k:]) for k in range(len(units) + 1)]  # k resident blocks -> bytes per step
@@ -249,12 +262,12 @@ def plan_budget(cfg: SDConfig, dtype: torch.dtype, budget: int, height: int, wid
     def plan_of(b, u, k, tile):
         mode, resident = ("turbo", ()) if k == len(units) else ("stream", tuple(units[:k]))
         peaks, _ = predict(cfg, dtype, MemoryPlan(mode, resident, b, u, tile), height, width, b, guided, encode,
-                           precision=precision, sampler=sampler, fp8=fp8, safety=safety)
+                           precision=precision, sampler=sampler, fp8=fp8, safety=safety, controls=controls)
         return MemoryPlan(mode, resident, b, u, tile, peaks)
 
     def sampling_fits(b, u):  # with nothing resident (a run of the phases up to sampling: no decode, cheaper)
         peaks, _ = _sample(cfg, dtype, "stream", (), u, bool(tiles.get(b)), height, width, b, guided, encode,
-                           precision, sampler, fp8)
+                           precision, sampler, fp8, controls)
         return peaks["sample"] <= budget
 
     def seconds(b, u, k):
@@ -300,12 +313,12 @@ def plan_budget(cfg: SDConfig, dtype: torch.dtype, budget: int, height: int, wid
 def choose_plan(cfg: SDConfig, dtype: torch.dtype, *, turbo: bool, lowvram: bool, vram: int | None,
                 unet_bs: int, height: int, width: int, n_samples: int, guided: bool,
                 encode: bool = False, precision: str = "autocast", sampler: str = "ddim",
-                fp8: str | None = None, safety=None) -> MemoryPlan:
+                fp8: str | None = None, safety=None, controls: int = 0) -> MemoryPlan:
     """The memory settings of a run: --turbo, --lowvram, --vram SIZE, or the four-fragment default;
     `safety`: the safety checker's shapes, when the run has one (its phase must fit a budget too)."""
     if vram is not None:
         return plan_budget(cfg, dtype, vram, height, width, n_samples, guided, encode, precision=precision,
-                           sampler=sampler, fp8=fp8, safety=safety)
+                           sampler=sampler, fp8=fp8, safety=safety, controls=controls)
     if lowvram:  # tiles only change images larger than one tile (512x512 pixels)
         return MemoryPlan("stream", (), None, unet_bs, tile=True)
     return MemoryPlan("turbo" if turbo else "default", (), None, unet_bs)
