@@ -209,7 +209,8 @@ class Engine:
         from .planner import PlanError, choose_plan
 
         r = planned_request(r, self.cfg.downsample_factor)  # the hires fix: its larger second pass
-        key = (r.memory, r.unet_bs, r.width, r.height, r.n_samples, r.guided, r.kind != "txt2img", r.sampler)
+        key = (r.memory, r.unet_bs, r.width, r.height, r.n_samples, r.guided, r.kind != "txt2img", r.sampler,
+               len(r.controls))
         if key not in self._plans:
             budget = check_memory(r.memory, CLI_LABELS["memory"])
             try:
@@ -218,7 +219,7 @@ class Engine:
                                                height=r.height, width=r.width, n_samples=r.n_samples,
                                                guided=r.guided, encode=r.kind != "txt2img",
                                                precision=self.spec.precision, sampler=r.sampler, fp8=self.spec.fp8,
-                                               safety=self.spec.custom.safety)
+                                               safety=self.spec.custom.safety, controls=len(r.controls))
             except PlanError as e:
                 raise RequestError(str(e)) from None
         return self._plans[key]
@@ -229,6 +230,23 @@ class Engine:
 
         fragments = self.fragments or _meta_fragments(self.cfg, self.spec.dtype, self.spec.fp8)
         return describe(plan, len(unet_units(fragments)))
+
+    def _use_controls(self, r: Request) -> list:
+        """The request's ControlNets (engine/control.py) among the fragments, loaded once while requests
+        name the same files; a new offload engine when the set changes."""
+        from .control import NetCache, place_nets
+        from .pipeline import channels_last
+
+        if not hasattr(self, "_nets"):
+            self._nets = NetCache()
+        nets = self._nets.nets(r, self.cfg, self.spec.dtype, channels_last(self.device)) if r.controls else []
+        if self._engine is not None and any(n.startswith("controlnet") for n in self.fragments) != bool(nets) \
+                or nets:
+            if self._engine is not None:
+                self._engine.close()
+            if place_nets(self.fragments, nets):
+                self._placement = None  # the Offloader captured the old set's masters
+        return nets
 
     def _pipeline(self, plan):
         """A pipeline over the offload engine of `plan`'s placement (made anew when it changes)."""
@@ -284,7 +302,13 @@ class Engine:
         from .pipeline import SampleSettings
 
         self._use_loras(request_loras(r, self.cfg, self.spec.custom.lora_dirs))
+        nets = self._use_controls(r)
         pipe = self._pipeline(plan)
+        pipe.control = None
+        if nets:
+            from .control import Control
+
+            pipe.control = Control(nets, self._engine)
         pipe.long_prompts = r.long_prompts
         pipe.prompt_syntax, pipe.clip_skip, pipe.pad_conds = r.prompt_syntax, r.clip_skip, r.pad_conds
         engine = self._engine
@@ -386,7 +410,7 @@ class Engine:
         for size in sorted(set(sizes)):
             peaks, per_eval = predict(self.cfg, self.spec.dtype, plan, r.height, r.width, size, r.guided,
                                       encode=r.kind != "txt2img", precision=self.spec.precision, sampler=r.sampler,
-                                      fp8=self.spec.fp8, safety=self.spec.custom.safety)
+                                      fp8=self.spec.fp8, safety=self.spec.custom.safety, controls=len(r.controls))
             stats.add_peaks(peaks)
             runs = r.n_iter * sizes.count(size)
             stats.sample_bytes += per_eval * evals * runs

@@ -56,6 +56,10 @@ class ModelSpec:
             request = replace(request, unet_bs=default_unet_bs(self.device))
         request = complete(request, self.cfg, demo=self.demo, labels=labels, notify=notify)
         request_loras(request, self.cfg, self.custom.lora_dirs)  # every LoRA found, read and checked
+        if request.controls:  # every ControlNet found and checked (read unless planning), its image opened
+            from .control import complete_controls
+
+            request = complete_controls(request, self.cfg, labels, read=not self.planning)
         return request
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..engine.hires import hires_fields
+
 # Our sampler name -> the webui's label (one table; `webui_sampler` / `our_sampler` go both ways).
 WEBUI_SAMPLERS = {"euler_a": "Euler a", "euler": "Euler", "heun": "Heun", "dpm2": "DPM2", "dpm2_a": "DPM2 a",
                   "lms": "LMS", "dpmpp_2m": "DPM++ 2M", "dpmpp_2s_a": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE",
@@ -141,6 +143,11 @@ def request_fields(parsed: dict) -> tuple[dict, list[str]]:
             except ValueError:
                 notes.append(f"{key} {parsed[key]!r} is not a number")
     fields.update(text_fields(parsed, notes))
+    hires, hires_notes = hires_fields(parsed)  # its Denoising strength is the second pass's (engine/hires.py)
+    if hires:
+        fields.pop("strength", None)
+        fields.update(hires)
+    notes += hires_notes
     return fields, notes
 
 

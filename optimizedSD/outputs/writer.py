@@ -19,6 +19,7 @@ def metadata(r: Request, spec, checkpoint_hash: str | None) -> dict:
     """What a completed request's images record besides prompt, seed and size (the writer's), made with
     the model of `spec` (`model.ModelSpec`): its LoRAs, embeddings, VAE and adapters too."""
     from ..engine.customize import custom_metadata
+    from ..engine.hires import hires_metadata
     from .watermark import watermark_metadata
 
     checkpoint = spec.ckpt
@@ -32,6 +33,7 @@ def metadata(r: Request, spec, checkpoint_hash: str | None) -> dict:
     if r.kind == "inpaint":
         meta.update(mask=r.mask_name)
     meta.update(custom_metadata(spec.custom, spec.cfg, r))
+    meta.update(hires_metadata(r))  # the hires fix: Hires upscale/steps/upscaler, Denoising strength, base Size
     meta.update(watermark_metadata(r.watermark))
     meta.update(model_metadata(getattr(spec, "fp8", None), spec.precision))  # --fp8, bf16 (infotext.py)
     return {k: v for k, v in meta.items() if v is not None}
