@@ -268,7 +268,8 @@ def _lycoris_layer(path: Path, module: str, parts: dict, target: str, cfg: SDCon
             meta = torch.empty(shapes[f"{target}.{param}"], device="meta")
             (lycoris.weight_delta if param == "weight" else lycoris.bias_delta)(light, meta)
     except lycoris.LycorisError as e:
-        raise LoraError(f"{path}: {module} {e}; the file is damaged or of an unsupported kind") from None
+        label = module if kind == "?" else f"{module} ({kind})"
+        raise LoraError(f"{path}: {label} {e}; the file is damaged or of an unsupported kind") from None
     except RuntimeError:  # torch's own shape errors: say which tensors do not fit
         sizes = ", ".join(f"{p} {tuple(t.shape)}" for p, t in sorted(parts.items()) if t.numel() > 1)
         raise LoraError(f"{path}: {module} ({kind}: {sizes}) does not fit this model's {target} "

@@ -205,4 +205,4 @@ def bias_delta(parts: dict, bias: torch.Tensor) -> torch.Tensor:
 
 def _fits(d: torch.Tensor, shape, what: str) -> None:
     if tuple(d.shape) != tuple(shape) and (d.numel() != math.prod(shape) or (d.dim() and d.shape[0] != shape[0])):
-        raise LycorisError(f"makes {what} {tuple(d.shape)}, not the layer's {tuple(shape)}")
+        raise LycorisError(f"makes {what} {tuple(d.shape)}, which does not fit the layer's {tuple(shape)}")
