@@ -303,3 +303,18 @@ def test_eight_concurrent_clients_each_get_their_image(server, api):
         replay = api.txt2img(prompt=PROMPT, seed=100 + i, sampler_name="Euler a", steps=3, cfg_scale=3,
                              width=64, height=64).image
         assert np.array_equal(pixels(results[i]), pixels(replay))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--api", "--api-auth", "alice"], "error: --api-auth takes USER:PASS[,USER2:PASS2], each name and password non-empty"),
+    (["--gradio-auth", "bob:"], "error: --gradio-auth takes USER:PASS[,USER2:PASS2], each name and password non-empty"),
+    (["--nowebui", "--api-max-body", "lots"], "error: --api-max-body: cannot read 'lots' as a memory size; write e.g. "
+                                              "2G, 1536M or 0.75G"),
+])
+def test_api_flag_errors_are_one_line_before_anything_is_read(capsys, monkeypatch, argv, message):
+    from optimizedSD import webui
+    from optimizedSD.engine.engine import Engine
+
+    monkeypatch.setattr(Engine, "load", lambda self: pytest.fail("the checkpoint was read"))
+    assert webui.main(["--demo", "--device", "cpu", *argv]) == 2
+    assert capsys.readouterr().err.strip() == message

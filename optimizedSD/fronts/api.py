@@ -598,7 +598,7 @@ def decode_image(text: str, field: str) -> Image.Image:
     if text.startswith("data:"):
         text = text.partition(",")[2]
     try:
-        data = base64.b64decode(text, validate=True)
+        data = base64.b64decode("".join(text.split()), validate=True)  # MIME-style line breaks allowed
         return open_image(data, field)
     except (binascii.Error, ValueError):
         err = refused(f"{field} is not base64; send the image file's bytes base64-encoded")
