@@ -61,7 +61,11 @@ def weights_path(path: str | Path) -> tuple[Path, Path | None]:
 
 @functools.lru_cache(maxsize=4)
 def _read(path: Path, mtime: float, cfg: UNetConfig) -> tuple[dict[str, torch.Tensor], int]:
-    tensors, _ = read_tensors(path, ControlNetError, "ControlNet")
+    try:
+        tensors, _ = read_tensors(path, ControlNetError, "ControlNet")
+    except ControlNetError:
+        _refuse_checkpoint(path)  # a webui .ckpt holds more than tensors: its own safe reader names it
+        raise
     keys = list(tensors)
     if any(k.startswith(DIFFUSERS) for k in keys):
         config = path.with_name("config.json")
@@ -76,6 +80,19 @@ def _read(path: Path, mtime: float, cfg: UNetConfig) -> tuple[dict[str, torch.Te
     _check_family(path, state, cfg)
     hint = state["input_hint_block.0.weight"].shape[1] if "input_hint_block.0.weight" in state else 3
     return state, hint
+
+
+def _refuse_checkpoint(path: Path) -> None:
+    """Say so when `path` is a Stable Diffusion checkpoint (read with model/checkpoint.py's safe reader)."""
+    from ..model.checkpoint import checkpoint_shapes
+
+    try:
+        keys = list(checkpoint_shapes(path))
+    except Exception:
+        return
+    if any(k.startswith(("model.diffusion_model.", "first_stage_model.")) for k in keys) \
+            and not any(k.startswith(PREFIX) for k in keys):
+        raise ControlNetError(f"{path} is {_what(keys)}, not a ControlNet") from None
 
 
 def _what(keys: list[str]) -> str:

@@ -173,3 +173,202 @@ class Control:
     def end_evaluation(self) -> None:
         self._carries.clear()
         self.engine.idle = set()
+
+
+# ---- requests: checked once, for every front -----------------------------------------------------
+def find_controlnet(model, dirs=()) -> Path:
+    """A ControlNet file or diffusers folder: `model` as a path, else a file of that name (with or
+    without its suffix) in `dirs` and the default ControlNet folder (models/ControlNet, the webui's)."""
+    from ..custom.controlnet_file import SUFFIXES
+    from ..model import paths
+    from .request import RequestError
+
+    path = Path(model)
+    if path.exists():
+        return path
+    folders = [Path(d) for d in dirs] + [base / "models" / "ControlNet" for base in paths.bases()]
+    for folder in folders:
+        for candidate in [folder / path.name] + [folder / (path.name + s) for s in SUFFIXES]:
+            if candidate.exists():
+                return candidate
+    where = ", ".join(str(f) for f in folders)
+    raise RequestError(f"ControlNet not found: {model} (looked in {where}); give a path with --controlnet")
+
+
+def controlnet_files(dirs=()) -> list[Path]:
+    """The ControlNet files and diffusers folders in `dirs` and the default folder (the UI's picker)."""
+    from ..custom.controlnet_file import SUFFIXES
+    from ..model import paths
+
+    found = []
+    for folder in [Path(d) for d in dirs] + [base / "models" / "ControlNet" for base in paths.bases()]:
+        if folder.is_dir():
+            found += [p for p in sorted(folder.iterdir())
+                      if (p.is_file() and p.suffix.lower() in SUFFIXES) or (p / "config.json").is_file()]
+    return list(dict.fromkeys(found))
+
+
+def complete_controls(r, cfg, labels: dict, read: bool = True):
+    """`r` with each ControlUnit checked, its model found and (`read`) checked to be a ControlNet for
+    this model, its image opened (RGB); a RequestError with one line for the first thing wrong."""
+    from dataclasses import replace as _replace
+
+    from PIL import Image
+
+    from ..custom.controlnet_file import ControlNetError, check_controlnet
+    from .control_images import PREPROCESSORS, RESIZE_MODES
+    from .inputs import InputError, open_image, to_rgb
+    from .request import RequestError
+
+    units = []
+    for i, u in enumerate(r.controls):
+        which = f"ControlNet {i}" if len(r.controls) > 1 else "ControlNet"
+        for name in ("weight", "start", "end"):
+            v = getattr(u, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf"):
+                raise RequestError(f"{which}: --control_{name} must be a finite number, got {v!r}")
+        if not 0 <= u.start < u.end <= 1:
+            raise RequestError(f"{which}: --control_start {u.start} and --control_end {u.end} must satisfy "
+                               "0 <= start < end <= 1 (fractions of the steps where the net acts)")
+        if u.mode not in CONTROL_MODES:
+            raise RequestError(f"{which}: unknown --control_mode {u.mode!r}; choose one of {', '.join(CONTROL_MODES)}")
+        if u.preprocessor not in PREPROCESSORS:
+            raise RequestError(f"{which}: unknown --control_preprocessor {u.preprocessor!r}; choose one of "
+                               f"{', '.join(PREPROCESSORS)}")
+        if u.resize not in RESIZE_MODES:
+            raise RequestError(f"{which}: unknown --control_resize {u.resize!r}; choose one of "
+                               f"{', '.join(RESIZE_MODES)}")
+        for name in ("low", "high"):
+            v = getattr(u, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 255:
+                raise RequestError(f"{which}: --control_{name} must be a number from 0 to 255, got {v!r}")
+        if u.image is None:
+            raise RequestError(f"{which} needs a control image; give --control_image")
+        if getattr(r, "hr_scale", None) or getattr(r, "hr_resize_x", 0) or getattr(r, "hr_resize_y", 0):
+            raise RequestError("ControlNet with the hires fix is not supported yet; leave out --hr_scale / --hr_resize")
+        name = u.image_name or (Path(u.image).name if isinstance(u.image, (str, Path)) else None)
+        try:
+            image = u.image if isinstance(u.image, Image.Image) else open_image(u.image, "control image")
+            image = to_rgb(image)
+        except InputError as e:
+            raise RequestError(f"{which}: {e}") from None
+        model = u.model if not read else find_controlnet(u.model)
+        if read:
+            try:
+                check_controlnet(model, cfg.unet)
+            except ControlNetError as e:
+                raise RequestError(f"{which}: {e}") from None
+        units.append(_replace(u, model=str(model), image=image, image_name=name, weight=float(u.weight),
+                              start=float(u.start), end=float(u.end)))
+    return _replace(r, controls=tuple(units))
+
+
+def unit_map(u: ControlUnit, width: int, height: int):
+    """The map (RGB image of the render's size) the net of `u` reads."""
+    from .control_images import control_map
+
+    return control_map(u.image, width, height, u.resize, u.preprocessor, u.low, u.high)
+
+
+def control_metadata(r) -> dict:
+    """`ControlNet 0: "Module: canny, Model: name [hash], Weight: 1.0, ..."` as the webui's extension
+    writes its units (`ControlNetUnit.serialize`), one key per net."""
+    from ..custom.controlnet_file import model_hash, weights_path
+    from .control_images import RESIZE_MODES
+
+    meta = {}
+    for i, u in enumerate(r.controls):
+        path = Path(u.model)
+        try:
+            digest = model_hash(weights_path(path)[0])
+        except (OSError, ValueError):
+            digest = "NOFILE"
+        fields = {"Module": u.preprocessor, "Model": f"{path.stem} [{digest}]", "Weight": float(u.weight),
+                  "Resize Mode": RESIZE_MODES[u.resize], "Processor Res": min(r.width, r.height),
+                  "Threshold A": float(u.low), "Threshold B": float(u.high), "Guidance Start": float(u.start),
+                  "Guidance End": float(u.end), "Pixel Perfect": False, "Control Mode": CONTROL_MODES[u.mode]}
+        meta[f"ControlNet {i}"] = ", ".join(f"{k}: {v}" for k, v in fields.items())
+    return meta
+
+
+def place_nets(fragments: dict, nets: list[ActiveNet]) -> bool:
+    """Put `nets` among the fragments as controlnet0, controlnet1, ... (the last request's taken out);
+    whether the set changed (the offload engine must then be made anew)."""
+    from .offload import control_fragments
+
+    old = {n: fragments[n] for n in control_fragments(fragments)}
+    new = {a.fragment: a.net for a in nets}
+    if {n: id(m) for n, m in old.items()} == {n: id(m) for n, m in new.items()}:
+        return False
+    for n in old:
+        del fragments[n]
+    fragments.update(new)
+    return True
+
+
+class NetCache:
+    """The engine's loaded ControlNets, kept while the next request names the same files."""
+
+    def __init__(self):
+        self._nets: dict[tuple, torch.nn.Module] = {}
+
+    def nets(self, r, cfg, dtype, channels_last: bool) -> list[ActiveNet]:
+        from ..custom.controlnet_file import ControlNetError, load_controlnet
+        from .control_images import hint_tensor
+        from .request import RequestError
+
+        kept, out = {}, []
+        for i, u in enumerate(r.controls):
+            key = (str(u.model), i)
+            net = self._nets.get(key)
+            if net is None:
+                try:
+                    net = load_controlnet(u.model, cfg.unet, dtype)
+                except ControlNetError as e:
+                    raise RequestError(str(e)) from None
+                if channels_last:
+                    net.to(memory_format=torch.channels_last)
+            kept[key] = net
+            out.append(ActiveNet(f"controlnet{i}", net, hint_tensor(unit_map(u, r.width, r.height)), u))
+        self._nets = kept
+        return out
+
+
+def controls_from_flags(models, images, weights=(), starts=(), ends=(), modes=(), preprocessors=(), lows=(),
+                        highs=(), resizes=(), dirs=()) -> tuple[ControlUnit, ...]:
+    """ControlUnits from repeatable flags: the i-th value of each belongs to the i-th net (missing:
+    the default). More values of a flag than nets, or a net without an image, is a RequestError."""
+    from .request import RequestError
+
+    models, images = list(models or []), list(images or [])
+    given = dict(weight=weights, start=starts, end=ends, mode=modes, preprocessor=preprocessors, low=lows,
+                 high=highs, resize=resizes)
+    if not models:
+        extra = [f"--control_{k}" for k, v in given.items() if v] + (["--control_image"] if images else [])
+        if extra:
+            raise RequestError(f"{', '.join(extra)} given without --controlnet; add --controlnet PATH")
+        return ()
+    if len(images) != len(models):
+        raise RequestError(f"{len(models)} --controlnet but {len(images)} --control_image: give one control image "
+                           "per ControlNet, in the same order")
+    for k, v in given.items():
+        if v and len(v) > len(models):
+            raise RequestError(f"{len(v)} --control_{k} for {len(models)} --controlnet; the i-th value belongs to "
+                               "the i-th net")
+    units = []
+    for i, (model, image) in enumerate(zip(models, images)):
+        settings = {k: v[i] for k, v in given.items() if v and i < len(v)}
+        units.append(ControlUnit(str(find_controlnet(model, dirs)), image, **settings))
+    return tuple(units)
+
+
+def save_maps(r, folder: Path, stem: str) -> list[Path]:
+    """Each net's map beside the images, `<stem>-control<i>.png` (never over an existing file)."""
+    out = []
+    for i, u in enumerate(r.controls):
+        path, n = folder / f"{stem}-control{i}.png", 1
+        while path.exists():
+            path, n = folder / f"{stem}-control{i}-{n}.png", n + 1
+        unit_map(u, r.width, r.height).save(path)
+        out.append(path)
+    return out

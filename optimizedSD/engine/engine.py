@@ -240,12 +240,10 @@ class Engine:
         if not hasattr(self, "_nets"):
             self._nets = NetCache()
         nets = self._nets.nets(r, self.cfg, self.spec.dtype, channels_last(self.device)) if r.controls else []
-        if self._engine is not None and any(n.startswith("controlnet") for n in self.fragments) != bool(nets) \
-                or nets:
+        if place_nets(self.fragments, nets):
             if self._engine is not None:
                 self._engine.close()
-            if place_nets(self.fragments, nets):
-                self._placement = None  # the Offloader captured the old set's masters
+            self._placement = None  # the Offloader captured the old set's masters
         return nets
 
     def _pipeline(self, plan):

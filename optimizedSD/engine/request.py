@@ -102,6 +102,7 @@ class Request:
     prompt_syntax: str = "webui"  # "webui": emphasis, editing, BREAK (docs/prompts.md); "plain": as written
     clip_skip: int = 1  # the text encoder's N-th hidden state from the end (the webui's "Clip skip")
     pad_conds: bool = False  # pad the shorter of prompt and negative with empty chunks (webui "Pad conds")
+    controls: tuple = ()  # control.ControlUnit per ControlNet (file, control image, weight, start/end, mode)
 
     @property
     def seeds(self) -> list[int]:

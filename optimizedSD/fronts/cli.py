@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -127,6 +128,9 @@ def build_parser(kind: str = "txt2img") -> argparse.ArgumentParser:
       help="CompVis-style model YAML (e.g. configs/v1-inference.yaml); default: SD v1's built-in config")
     a("--ema", action="store_true", help="use the EMA weights of a full (non-pruned) checkpoint")
     add_custom_flags(a)
+    add_control_flags(a)
+    add_hires_flags(a, kind)
+    add_preview_flags(a)
     a("--demo", action="store_true",
       help=f"use the bundled demo model ({DEMO_CKPT}, {DEMO_CONFIG}): a tiny model trained on coloured shapes, "
            "e.g. 'a red circle on a blue background, top left'; draws 64x64 images in seconds on a CPU")
@@ -204,6 +208,74 @@ def add_custom_flags(a, lora_files: bool = True) -> None:
            "encoder's too. The VAE, norms, biases and the time embedding keep the precision's dtype")
 
 
+def add_control_flags(a) -> None:
+    """ControlNet (engine/control.py, docs/controlnet.md): repeatable; the i-th of each flag belongs to
+    the i-th --controlnet."""
+    a("--controlnet", action="append", default=[], metavar="PATH",
+      help="a ControlNet for SD 1.5 (.pth/.safetensors in the original layout, or a diffusers folder), or its name "
+           "in --controlnet_dir; repeatable for several nets")
+    a("--controlnet_dir", action="append", default=[], metavar="DIR",
+      help="where ControlNet names are looked for (repeatable; default models/ControlNet)")
+    a("--control_image", action="append", default=[], metavar="IMG", help="the control image of each net")
+    a("--control_weight", action="append", type=float, default=[], help="each net's weight (default 1)")
+    a("--control_start", action="append", type=float, default=[],
+      help="fraction of the steps where a net starts acting (default 0)")
+    a("--control_end", action="append", type=float, default=[],
+      help="fraction of the steps where it stops (default 1)")
+    a("--control_mode", action="append", default=[], metavar="balanced|prompt|control",
+      help="balanced (default), prompt (\"My prompt is more important\"), control (\"ControlNet is more important\")")
+    a("--control_preprocessor", action="append", default=[], metavar="canny|invert|none",
+      help="how the control image becomes the map (default none: the image is the map)")
+    a("--control_low", action="append", type=float, default=[], help="canny's low threshold (default 100)")
+    a("--control_high", action="append", type=float, default=[], help="canny's high threshold (default 200)")
+    a("--control_resize", action="append", default=[], metavar="MODE",
+      help="just resize, crop and resize (default) or resize and fill: how the image meets the render's size")
+    a("--control_save_map", action="store_true", help="save each net's map beside the images")
+
+
+def control_units(args) -> tuple:
+    """The ControlUnits of the --controlnet flags (`control.controls_from_flags`)."""
+    from ..engine.control import controls_from_flags
+
+    if not hasattr(args, "controlnet"):
+        return ()
+    return controls_from_flags(args.controlnet, args.control_image, args.control_weight, args.control_start,
+                               args.control_end, args.control_mode, args.control_preprocessor, args.control_low,
+                               args.control_high, args.control_resize, args.controlnet_dir)
+
+
+def add_hires_flags(a, kind: str) -> None:
+    """The hires fix's flags (txt2img; engine/hires.py), named as the webui's API fields."""
+    if kind != "txt2img":
+        return
+    a("--hr_scale", type=float, default=None,
+      help="hires fix: render at --W x --H, upscale by this (e.g. 2), then an img2img pass at the larger size")
+    a("--hr_upscaler", type=str, default="latent",
+      help="hires fix upscaler: latent (bilinear, the webui's Latent), latent-nearest, or lanczos (decoded, "
+           "resized with Lanczos, encoded again); default latent")
+    a("--hr_steps", type=int, default=0, help="hires fix: the second pass's steps (default 0: --ddim_steps)")
+    a("--hr_denoise", type=float, default=0.7,
+      help="hires fix: the second pass's denoising strength in (0, 1] (default 0.7)")
+    a("--hr_resize_x", type=int, default=0, help="hires fix: resize to this width instead of --hr_scale "
+                                                 "(0: from --hr_resize_y and the aspect)")
+    a("--hr_resize_y", type=int, default=0, help="hires fix: resize to this height (0: from --hr_resize_x)")
+
+
+def hires_args(args) -> dict:
+    """The request's hires fields from the flags (none for img2img and inpaint)."""
+    names = ("hr_scale", "hr_upscaler", "hr_steps", "hr_denoise", "hr_resize_x", "hr_resize_y")
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
+def add_preview_flags(a) -> None:
+    """Live previews of the sampling (engine/previews.py), written as files for folder watchers."""
+    a("--preview_every", type=int, default=0, metavar="N",
+      help="every N sampling steps write a preview of each image to previews/ in its folder "
+           "(default 0: none); a linear latent->RGB approximation, or TAESD with --taesd")
+    a("--taesd", type=str, default=None, metavar="PATH",
+      help="previews with this TAESD decoder (taesd_decoder.safetensors or .pth of madebyollin/taesd)")
+
+
 def custom_args(args) -> dict:
     """`resolve_model`'s arguments for what is added to the checkpoint (`customize.py`)."""
     return dict(vae=args.vae, adapter_path=args.adapter_path, adapter_scale=args.adapter_scale,
@@ -222,6 +294,10 @@ def requests_of(args, spec, log) -> list[Request]:
     from ..custom.lora import parse_lora_arg
 
     loras = tuple((str(path.absolute()), weight) for path, weight in map(parse_lora_arg, args.lora))
+    try:
+        controls = control_units(args)
+    except RequestError as e:
+        raise UsageError(str(e)) from None
     out = []
     for k, prompt in enumerate(read_prompts(args)):
         where = f"{args.from_file} line {k + 1}" if args.from_file else None
@@ -235,6 +311,7 @@ def requests_of(args, spec, log) -> list[Request]:
                     mask=out[0].mask if out else getattr(args, "mask", None),
                     init_image_name=out[0].init_image_name if out else None,
                     mask_name=out[0].mask_name if out else None, loras=loras, watermark=args.watermark)
+        r = replace(r, **hires_args(args), controls=out[0].controls if out else controls)
         try:
             out.append(spec.complete(r, CLI_LABELS, log))
         except RequestError as e:
@@ -332,6 +409,11 @@ def generate(args) -> dict:
         if writer:
             writer.finish()
             dirs.append(str(writer.dir))
+            if getattr(args, "control_save_map", False) and r.controls and writer.written:
+                from ..engine.control import save_maps
+
+                for path in save_maps(r, writer.dir, writer.written[0].stem):
+                    log(f"control map: {path}")
     overall.close()
     figures = stats.figures(spec.device, first.width, first.height)
     for line in stats.notes():

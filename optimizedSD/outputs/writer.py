@@ -33,6 +33,10 @@ def metadata(r: Request, spec, checkpoint_hash: str | None) -> dict:
     if r.kind == "inpaint":
         meta.update(mask=r.mask_name)
     meta.update(custom_metadata(spec.custom, spec.cfg, r))
+    if r.controls:  # `ControlNet 0: "Module: canny, Model: name [hash], Weight: 1.0, ..."` (the webui extension's)
+        from ..engine.control import control_metadata
+
+        meta.update(control_metadata(r))
     meta.update(hires_metadata(r))  # the hires fix: Hires upscale/steps/upscaler, Denoising strength, base Size
     meta.update(watermark_metadata(r.watermark))
     meta.update(model_metadata(getattr(spec, "fp8", None), spec.precision))  # --fp8, bf16 (infotext.py)
