@@ -163,7 +163,8 @@ class ImageWriter:
 
     def _meta(self, image: Image.Image, extra: dict | None, **fixed) -> dict:
         meta = {**self.metadata, **(extra or {}), "prompt": self.prompt, **fixed,
-                "size": f"{image.width}x{image.height}"}
+                # an image's own size, unless the metadata gives the size it was asked at (the hires fix's base)
+                "size": (fixed and self.metadata.get("size")) or f"{image.width}x{image.height}"}
         meta.pop("parameters", None)  # always derived from the fields, never passed in
         if meta.get("checkpoint"):
             meta["checkpoint"] = Path(str(meta["checkpoint"])).name
