@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import torch
 from PIL import Image
 
-from . import hires
+from . import hires, previews
 from .customize import prompt_text, request_loras
 from .spec import ModelSpec
 from .request import CLI_LABELS, Request, RequestError, check_memory
@@ -110,9 +110,10 @@ def memory_line(figures: dict, planning: bool = False) -> str:
 
 
 class Engine:
-    def __init__(self, spec: ModelSpec, notify: Callable[[str], None] = lambda message: None):
+    def __init__(self, spec: ModelSpec, notify: Callable[[str], None] = lambda message: None, taesd=None):
         """An engine for `spec`; `notify` hears retries and notes. `load` reads the checkpoint (the first
-        render does, if no one did before), so a front can plan and refuse requests before that."""
+        render does, if no one did before), so a front can plan and refuse requests before that.
+        `taesd`: a TAESD decoder file for live previews (previews.py), read now, a fragment once loaded."""
         self.spec = spec
         self.cfg = spec.cfg
         self.device = spec.device
@@ -125,6 +126,8 @@ class Engine:
         self._placement = None  # its (mode, resident)
         self.tokenizer = None  # reads the embeddings' names (None: none, the shared CLIP tokenizer)
         self._patch = None  # lora.LoraPatch of the LoRAs applied now (None: none)
+        self._taesd = previews.read_taesd(taesd, spec.dtype)  # its decoder, or None
+        self._previewer = None  # the render's previews.Previewer, if it asked for previews
 
     def load(self) -> "Engine":
         """Read the checkpoint into the fragments' host masters, once (nothing on `meta`)."""
@@ -145,6 +148,8 @@ class Engine:
                 store_fragments_fp8(fragments, self.spec.fp8)
         except CheckpointError as e:
             raise RequestError(str(e)) from None
+        if self._taesd is not None:  # live previews' decoder: a fragment the offload engine moves on use
+            fragments[previews.TAESD] = self._taesd
         self.fragments = fragments
         self.loads += 1
         self.checkpoint_hash = file_hash(self.spec.ckpt)
@@ -239,7 +244,10 @@ class Engine:
 
         if not hasattr(self, "_nets"):
             self._nets = NetCache()
-        nets = self._nets.nets(r, self.cfg, self.spec.dtype, channels_last(self.device)) if r.controls else []
+        try:
+            nets = self._nets.nets(r, self.cfg, self.spec.dtype, channels_last(self.device)) if r.controls else []
+        except ValueError as e:  # control.ControlError
+            raise RequestError(str(e)) from None
         if place_nets(self.fragments, nets):
             if self._engine is not None:
                 self._engine.close()
@@ -273,8 +281,10 @@ class Engine:
     # ---- rendering -----------------------------------------------------------------------------
     def render(self, request: Request, on_step: Callable[[int, int], None] | None = None,
                cancel: Callable[[], bool] | None = None, stats: RunStats | None = None,
-               iterations: list[int] | None = None) -> Iterator[list[Rendered]]:
+               iterations: list[int] | None = None, on_preview: Callable | None = None,
+               preview_every: int = 1) -> Iterator[list[Rendered]]:
         """The images of a completed `request`, a batch at a time (see the module docstring).
+        `on_preview(previews.Preview)` hears the images forming every `preview_every` sampling steps.
         `stats` (made fresh when None) accumulates the run's figures. `iterations`: which of the
         request's `n_iter` batches to render (default all); batch `it` holds the seeds
         `seeds[it * n_samples:(it + 1) * n_samples]` and is rendered exactly as in a whole run (a
@@ -292,6 +302,7 @@ class Engine:
         its = list(range(r.n_iter)) if iterations is None else list(iterations)
         if any(not 0 <= it < r.n_iter for it in its):
             raise ValueError(f"iterations {its} outside the request's {r.n_iter} batches")
+        self._previewer = previews.Previewer(on_preview, preview_every) if on_preview is not None else None
         yield from self._render(r, plan, on_step, cancel, stats, its)
 
     def _render(self, r: Request, plan, on_step, cancel, stats: RunStats, its: list[int]) -> Iterator[list[Rendered]]:
@@ -325,11 +336,13 @@ class Engine:
         done_steps = 0
         start = time.perf_counter()
 
-        def step(_):
+        def step(info):
             nonlocal done_steps
             done_steps += 1
             if on_step is not None:
                 on_step(done_steps, total)
+            if self._previewer is not None:
+                self._previewer.step(done_steps, total, info, engine)
             if cancel is not None and cancel():
                 raise Cancelled()
 
@@ -341,6 +354,8 @@ class Engine:
                     if cancel is not None and cancel():
                         raise Cancelled()
                     chunk = seeds[done:done + batch_size]
+                    if self._previewer is not None:
+                        self._previewer.seeds = chunk
                     before = done_steps
                     try:
                         t0 = time.perf_counter()

@@ -171,6 +171,8 @@ def check_flags(args) -> None:
         raise UsageError(f"{' and '.join(modes)} exclude each other; pick one")
     if args.n_rows < 0:
         raise UsageError(f"--n_rows must be 0 (automatic) or more, got {args.n_rows}")
+    if args.preview_every < 0:
+        raise UsageError(f"--preview_every must be 0 (no previews) or a number of steps, got {args.preview_every}")
 
 
 def check_model_flags(args, cfg: SDConfig) -> None:
@@ -294,9 +296,11 @@ def requests_of(args, spec, log) -> list[Request]:
     from ..custom.lora import parse_lora_arg
 
     loras = tuple((str(path.absolute()), weight) for path, weight in map(parse_lora_arg, args.lora))
+    from ..engine.control import ControlError
+
     try:
         controls = control_units(args)
-    except RequestError as e:
+    except ControlError as e:
         raise UsageError(str(e)) from None
     out = []
     for k, prompt in enumerate(read_prompts(args)):
@@ -362,7 +366,7 @@ def generate(args) -> dict:
 
     from ..engine.engine import Engine, RunStats, memory_line
     from ..outputs.images import check_outdir, ensure_writable
-    from ..outputs.writer import RequestWriter, metadata
+    from ..outputs.writer import RequestWriter, metadata, write_preview
 
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     if args.ray is not None or args.workers is not None:  # on a Ray cluster
@@ -377,7 +381,7 @@ def generate(args) -> dict:
     first = requests[0]
     if not spec.planning:
         check_outdir(args.outdir)
-    engine = Engine(spec, notify=warn)
+    engine = Engine(spec, notify=warn, taesd=args.taesd)
     plan = engine.plan(first)  # a budget too small for the size is an error before anything is read
     log(f"device: {spec.device}; seed: {first.seed}; checkpoint: {spec.ckpt or 'none (planning)'}")
     engine.load()  # reads the checkpoint (nothing on meta)
@@ -402,7 +406,10 @@ def generate(args) -> dict:
                 bar.total = total
                 bar.update(done - bar.n)
 
-            for batch in engine.render(r, on_step=on_step, stats=stats):
+            previews = {}
+            if args.preview_every and writer is not None:  # previews/ beside the images (writer.write_preview)
+                previews = dict(on_preview=lambda p, w=writer: write_preview(w.dir, p), preview_every=args.preview_every)
+            for batch in engine.render(r, on_step=on_step, stats=stats, **previews):
                 for item in batch:
                     written += writer.add(item.image, item.seed, meta=item.meta) is not None
                 overall.update(len(batch))

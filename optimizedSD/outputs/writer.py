@@ -90,3 +90,20 @@ class RequestWriter:
         if not self.skip_grid and self.images:
             self.grid = self.writer.save_grid(self.images, self.n_rows)
         return self.grid
+
+
+def write_preview(folder: str | Path, preview) -> list[Path]:
+    """A live preview's images (`engine.previews.Preview`) as `folder/previews/seed_<seed>_step_<NNNN>.png`,
+    for people who watch the folder; a name taken already gets `_<k>` (nothing is overwritten)."""
+    where = Path(folder) / "previews"
+    where.mkdir(parents=True, exist_ok=True)
+    written = []
+    for seed, image in zip(preview.seeds, preview.images):
+        stem, k = f"seed_{seed}_step_{preview.step:04d}", 0
+        path = where / f"{stem}.png"
+        while path.exists():
+            k += 1
+            path = where / f"{stem}_{k}.png"
+        image.save(path)
+        written.append(path)
+    return written
