@@ -185,6 +185,13 @@ def test_options_round_trip_and_model_lists(api):
     api.refresh_checkpoints()
 
 
+def test_openapi_docs_and_the_ui_on_the_same_port(server):
+    assert requests.get(server["url"] + "/docs", timeout=30).status_code == 200
+    paths = requests.get(server["url"] + "/openapi.json", timeout=30).json()["paths"]
+    assert {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/progress", "/sdapi/v1/options"} <= set(paths)
+    assert requests.get(server["url"] + "/", timeout=30).status_code == 200  # gradio's page (its login form)
+
+
 def test_interrupt_during_a_run_keeps_the_finished_batches(api, server):
     result = {}
 
