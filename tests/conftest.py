@@ -5,6 +5,14 @@ sys.path[:0] = [str(pathlib.Path(__file__).parent), str(pathlib.Path(__file__).p
 
 import pytest  # noqa: E402
 
+# The CPU's default precision is bf16 where it computes bf16 natively (AMX, AVX512-BF16; pipeline.py
+# default_precision); the tests compare CPU images with fp32 references, so their default stays the
+# fp32 one (autocast: fp32 weights on the CPU), in this process and the CLIs and servers it starts.
+# Tests of the bf16 default take this away (tests/test_fp8.py).
+import os  # noqa: E402
+
+os.environ.setdefault("OPTIMIZEDSD_CPU_PRECISION", "autocast")
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):

@@ -30,8 +30,12 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x):
-        h = self.conv1(inplace.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(inplace.silu(self.norm2(h))))
+        # one name for the data path, so each intermediate is freed once its reader ran: at most x, a
+        # convolution's input and its output live at once (the full-size decoder's peak at 512x512)
+        h = inplace.silu(self.norm1(x))
+        h = self.conv1(h)
+        h = inplace.silu(self.norm2(h))
+        h = self.conv2(self.dropout(h))
         if hasattr(self, "nin_shortcut"):
             x = self.nin_shortcut(x)
         return inplace.add(h, x)
