@@ -43,6 +43,8 @@ def build_parser() -> Parser:
     modes.add_argument("--vram", type=str, default=None, metavar="SIZE",
                        help="default Memory mode: a device-memory budget such as 2G or 1536M")
     add_custom_flags(a, lora_files=False)
+    a("--taesd", type=str, default=None, metavar="PATH",
+      help="live previews with this TAESD decoder (taesd_decoder.safetensors/.pth); default: a latent approximation")
     a("--outdir", type=str, default=None,
       help="images go to OUTDIR/<prompt>/seed_<seed>_<NNNNN>.png as the CLI writes them (default: the CLI's "
            "folder per kind: " + ", ".join(KINDS[k][2] for k in KINDS) + ")")
@@ -101,7 +103,7 @@ def serve(args) -> None:
     spec = resolve_model(ckpt, args.config, demo=args.demo, device=args.device, **custom_args(args))
     if spec.planning:
         raise UsageError("--device meta plans without drawing; the web UI needs cuda, mps or cpu")
-    engine = Engine(spec, notify=lambda message: print(message, file=sys.stderr, flush=True))
+    engine = Engine(spec, notify=lambda message: print(message, file=sys.stderr, flush=True), taesd=args.taesd)
     print(f"loading {spec.ckpt} on {spec.device} ...", flush=True)
     engine.load()
     studio = Studio(engine, outdirs, memory_mode(args))

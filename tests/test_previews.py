@@ -106,3 +106,35 @@ def test_cli_writes_previews_and_the_taesd_one(tmp_path):
         assert np.asarray(im).std() > 0
     code = main(["--demo", "--device", "cpu", "--outdir", str(tmp_path / "bad"), "--taesd", str(tmp_path / "no.pth")])
     assert code == 2 and not (tmp_path / "bad").exists()
+
+
+def test_ui_hires_section_and_live_preview(tmp_path):
+    """The txt2img tab's Hires. fix widgets make the CLI's request, and a render leaves its newest
+    preview for the page's timer (no browser: the Studio as the page calls it)."""
+    import gradio as gr
+
+    from optimizedSD.engine.engine import Engine
+    from optimizedSD.engine.request import Request, with_defaults
+    from optimizedSD.engine.spec import resolve_model
+    from optimizedSD.fronts.ui import Studio, controls, results
+
+    spec = resolve_model(None, None, demo=True, device="cpu")
+    studio = Studio(Engine(spec), {k: str(tmp_path / k) for k in ("txt2img", "img2img", "inpaint")})
+    with gr.Blocks():
+        c = controls("txt2img", with_defaults(Request("", kind="txt2img"), True), "default")
+        results(c)
+    v = {w: w.value for w in (c.prompt, c.negative_prompt, c.sampler, c.karras, c.steps, c.scale, c.width, c.height,
+                              c.seed, c.n_iter, c.n_samples, c.memory, c.clip_skip, c.pad_conds, c.prompt_syntax,
+                              c.watermark, c.preview_every, *c.hires.values())}
+    v.update({c.prompt: "a red circle", c.seed: 4, c.steps: 4, c.n_samples: 1, c.preview_every: 2,
+              c.hires["enable"]: True, c.hires["hr_scale"]: 1.5, c.hires["hr_steps"]: 4.0})
+    r = studio.request(c, v)
+    assert (r.hr_scale, r.hr_steps, r.hr_upscaler, r.hr_denoise) == (1.5, 4, "latent", 0.7)
+    gallery, saved, status = studio.generate(c, v, "page", lambda *a, **k: None)
+    from PIL import Image
+
+    with Image.open(saved[0]) as im:
+        assert im.size == (96, 96) and "Hires upscale: 1.5" in im.info["parameters"]
+    latest = studio.latest_preview("page")
+    assert isinstance(latest, Image.Image) and latest.size == (12, 12)  # the approximation: latent size
+    assert not isinstance(studio.latest_preview("page"), Image.Image)  # shown once

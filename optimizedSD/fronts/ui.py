@@ -66,6 +66,9 @@ class Controls:
     pad_conds: gr.Checkbox = None
     prompt_syntax: gr.Dropdown = None
     watermark: gr.Textbox = None  # the invisible watermark's text; empty: none (outputs/watermark.py)
+    hires: dict = field(default_factory=dict)  # txt2img's Hires. fix: Request field -> widget ("enable": on/off)
+    preview_every: gr.Number = None  # live previews every N sampling steps (0: none)
+    preview: gr.Image = None  # the image forming
 
     def fillable(self) -> list[tuple[str, gr.components.Component]]:
         """(field, widget) of each `FILLED` field this tab has."""
@@ -79,6 +82,7 @@ class Studio:
         self.engine, self.outdirs, self.memory = engine, outdirs, memory
         self.jobs = Jobs()  # one render at a time on the engine: UI clicks and API requests (fronts/api.py) alike
         self._cancel: dict[str, threading.Event] = {}  # page (gradio session) -> its Interrupt
+        self._previews: dict[str, Image.Image] = {}  # page -> the latest live preview not shown yet
 
     # ---- widgets -> request ----------------------------------------------------------------------
     def request(self, c: Controls, v: dict) -> Request:
@@ -94,7 +98,7 @@ class Studio:
                        n_iter=v[c.n_iter], sampler=v[c.sampler], karras=bool(v[c.karras]), steps=v[c.steps],
                        scale=v[c.scale], width=image_size(c, v[c.width]), height=image_size(c, v[c.height]),
                        strength=v[c.strength] if c.strength is not None else None, init_image=image, mask=mask,
-                       memory=(v[c.memory] or "").strip(), **text_options(c, v),
+                       memory=(v[c.memory] or "").strip(), **text_options(c, v), **hires_options(c, v),
                        watermark=((v[c.watermark] or "").strip() or None) if c.watermark is not None else None)
 
     # ---- the render --------------------------------------------------------------------------
@@ -120,7 +124,7 @@ class Studio:
                 self.jobs.step(done, total)
                 progress((done, total), desc="sampling")
             for batch in self.engine.render(r, on_step=on_step, cancel=lambda: cancel.is_set() or self.jobs.interrupted(),
-                                            stats=stats):
+                                            stats=stats, **self._preview_args(c, v, session)):
                 saved += [(str(writer.add(item.image, item.seed, meta=item.meta)), item.seed) for item in batch]
                 notes += [f"safety checker: seed {item.seed} flagged ({item.meta['Safety check']})" for item in batch
                           if item.meta.get("Safety check", "").startswith("flagged")]
@@ -143,6 +147,20 @@ class Studio:
         lines = notes + stats.notes() + [done, memory_line(stats.figures(self.engine.device, r.width, r.height)),
                          f"checkpoint reads since the server started: {self.engine.loads}"]
         return [(opened(p), f"seed {seed}") for p, seed in saved], [p for p, _ in saved], "\n".join(lines)
+
+    def _preview_args(self, c: Controls, v: dict, session: str) -> dict:
+        """`Engine.render`'s live-preview arguments for a tab's widgets: the batch's first image kept
+        for the page's timer (`latest_preview`)."""
+        every = v.get(c.preview_every) if c.preview_every is not None else 0
+        self._previews.pop(session, None)
+        if not every or every < 1:
+            return {}
+        return dict(on_preview=lambda p: self._previews.__setitem__(session, p.images[0]), preview_every=int(every))
+
+    def latest_preview(self, session: str):
+        """The page's newest live preview since it last asked, or no change."""
+        image = self._previews.pop(session, None)
+        return gr.update() if image is None else image
 
     def interrupt(self, session: str) -> None:
         if session in self._cancel:
@@ -243,9 +261,43 @@ def controls(kind: str, defaults: Request, memory: str, loras: list[str] = (), e
     c = Controls(kind, prompt, negative, sampler, karras, steps, scale, width, height, seed, n_iter, n_samples,
                  memory_box, lora, embedding, strength, image, mask)
     c.clip_skip, c.pad_conds, c.prompt_syntax = clip_skip, pad_conds, prompt_syntax
+    c.preview_every = gr.Number(value=1, label="Live preview every N steps", precision=0, minimum=0,
+                                info="0: none; a latent approximation, or TAESD when the server has --taesd")
+    if kind == "txt2img":
+        c.hires = hires_section()
     c.watermark = gr.Textbox(label=L["watermark"], value="", placeholder=WATERMARK, max_lines=1,
                              info=f"invisible watermark (the reference script's: {WATERMARK}); empty: none")
     return c
+
+
+def hires_section() -> dict:
+    """txt2img's "Hires. fix" (engine/hires.py): its widgets by Request field, "enable" the checkbox."""
+    from ..engine.hires import DEFAULT_DENOISE, UPSCALERS
+
+    with gr.Accordion("Hires. fix", open=False):
+        enable = gr.Checkbox(label="Hires. fix", value=False,
+                             info="render at the size above, upscale, then an img2img pass at the larger size")
+        with gr.Row():
+            upscaler = gr.Dropdown([(label, name) for name, (_, label) in UPSCALERS.items()], value="latent",
+                                   label=L["hr_upscaler"])
+            scale = gr.Slider(1, 4, value=2, step=0.05, label=L["hr_scale"])
+        with gr.Row():
+            steps = gr.Number(value=0, label=L["hr_steps"], precision=0, info="0: the base steps")
+            denoise = gr.Slider(0, 1, value=DEFAULT_DENOISE, step=0.01, label=L["hr_denoise"])
+        with gr.Row():
+            resize_x = gr.Number(value=0, label=L["hr_resize_x"], precision=0, info="0: by the scale")
+            resize_y = gr.Number(value=0, label=L["hr_resize_y"], precision=0, info="0: by the scale")
+    return dict(enable=enable, hr_upscaler=upscaler, hr_scale=scale, hr_steps=steps, hr_denoise=denoise,
+                hr_resize_x=resize_x, hr_resize_y=resize_y)
+
+
+def hires_options(c: Controls, v: dict) -> dict:
+    """The Request's hires fields of a tab's widgets (none unless "Hires. fix" is ticked)."""
+    if not c.hires or not v[c.hires["enable"]]:
+        return {}
+    whole = lambda x: int(x) if isinstance(x, float) and x.is_integer() else x  # noqa: E731 - a form's 2.0
+    return {name: whole(v[w]) if name in ("hr_steps", "hr_resize_x", "hr_resize_y") else v[w]
+            for name, w in c.hires.items() if name != "enable"}
 
 
 def text_options(c: Controls, v: dict) -> dict:
@@ -268,6 +320,7 @@ def results(c: Controls) -> None:
         c.send = {kind: gr.Button(f"Send to {TABS[kind]}", size="sm") for kind in ("img2img", "inpaint")}
     c.parameters = gr.Textbox(label="Parameters of the selected image", lines=3, interactive=False)
     c.status = gr.Textbox(label="Status", lines=4, interactive=False)
+    c.preview = gr.Image(label="Live preview", type="pil", interactive=False, height=200, format="png")
     c.saved, c.selected = gr.State([]), gr.State(None)
 
 
@@ -329,7 +382,8 @@ def wire(studio: Studio, c: Controls, tabs: dict[str, Controls], tab_set: gr.Tab
     """Generate, Interrupt, picking a result, and sending it to the image tabs."""
     inputs = {x for x in (c.prompt, c.negative_prompt, c.sampler, c.karras, c.steps, c.scale, c.width, c.height,
                           c.seed, c.n_iter, c.n_samples, c.memory, c.strength, c.image, c.mask, c.clip_skip,
-                          c.pad_conds, c.prompt_syntax, c.watermark) if x is not None}
+                          c.pad_conds, c.prompt_syntax, c.watermark, c.preview_every, *c.hires.values())
+              if x is not None}
 
     def run(values: dict, request: gr.Request, progress=gr.Progress()):
         gallery, saved, status = studio.generate(c, values, request.session_hash, progress)
@@ -345,6 +399,11 @@ def wire(studio: Studio, c: Controls, tabs: dict[str, Controls], tab_set: gr.Tab
     c.generate.click(pending, None, None, queue=False, api_visibility="private").then(
         run, inputs, [c.gallery, c.saved, c.status, c.selected, c.parameters], concurrency_limit=1,
         concurrency_id=RENDER, show_progress_on=[c.gallery], api_name=c.kind)
+    def preview(request: gr.Request):
+        return studio.latest_preview(request.session_hash)
+
+    timer = gr.Timer(1.0)  # the live preview: the newest image of this page's render, once a second
+    timer.tick(preview, None, c.preview, queue=False, api_visibility="private", show_progress="hidden")
     c.interrupt.click(interrupt, None, None, queue=False,
                       **(dict(api_name="interrupt") if c.kind == "txt2img" else dict(api_visibility="private")))
     c.lora.input(lambda prompt, name: (with_tag(prompt, f"<lora:{name}:1>") if name else prompt, None),
