@@ -37,6 +37,11 @@ CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important"
 SOFT_DECAY = 0.825  # the webui's per-depth factor of "My prompt / ControlNet is more important"
 
 
+class ControlError(ValueError):
+    """A ControlNet setting, file or image that cannot be used (one line); the callers raise it as the
+    request's error (`RequestError`: this module sits below request.py, which plans with it)."""
+
+
 @dataclass(frozen=True)
 class ControlUnit:
     """One ControlNet of a request. `model`: a ControlNet file (or a name found in the ControlNet
@@ -181,7 +186,6 @@ def find_controlnet(model, dirs=()) -> Path:
     without its suffix) in `dirs` and the default ControlNet folder (models/ControlNet, the webui's)."""
     from ..custom.controlnet_file import SUFFIXES
     from ..model import paths
-    from .request import RequestError
 
     path = Path(model)
     if path.exists():
@@ -192,7 +196,7 @@ def find_controlnet(model, dirs=()) -> Path:
             if candidate.exists():
                 return candidate
     where = ", ".join(str(f) for f in folders)
-    raise RequestError(f"ControlNet not found: {model} (looked in {where}); give a path with --controlnet")
+    raise ControlError(f"ControlNet not found: {model} (looked in {where}); give a path with --controlnet")
 
 
 def controlnet_files(dirs=()) -> list[Path]:
@@ -210,7 +214,7 @@ def controlnet_files(dirs=()) -> list[Path]:
 
 def complete_controls(r, cfg, labels: dict, read: bool = True):
     """`r` with each ControlUnit checked, its model found and (`read`) checked to be a ControlNet for
-    this model, its image opened (RGB); a RequestError with one line for the first thing wrong."""
+    this model, its image opened (RGB); a ControlError with one line for the first thing wrong."""
     from dataclasses import replace as _replace
 
     from PIL import Image
@@ -218,7 +222,6 @@ def complete_controls(r, cfg, labels: dict, read: bool = True):
     from ..custom.controlnet_file import ControlNetError, check_controlnet
     from .control_images import PREPROCESSORS, RESIZE_MODES
     from .inputs import InputError, open_image, to_rgb
-    from .request import RequestError
 
     units = []
     for i, u in enumerate(r.controls):
@@ -226,38 +229,38 @@ def complete_controls(r, cfg, labels: dict, read: bool = True):
         for name in ("weight", "start", "end"):
             v = getattr(u, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf"):
-                raise RequestError(f"{which}: --control_{name} must be a finite number, got {v!r}")
+                raise ControlError(f"{which}: --control_{name} must be a finite number, got {v!r}")
         if not 0 <= u.start < u.end <= 1:
-            raise RequestError(f"{which}: --control_start {u.start} and --control_end {u.end} must satisfy "
+            raise ControlError(f"{which}: --control_start {u.start} and --control_end {u.end} must satisfy "
                                "0 <= start < end <= 1 (fractions of the steps where the net acts)")
         if u.mode not in CONTROL_MODES:
-            raise RequestError(f"{which}: unknown --control_mode {u.mode!r}; choose one of {', '.join(CONTROL_MODES)}")
+            raise ControlError(f"{which}: unknown --control_mode {u.mode!r}; choose one of {', '.join(CONTROL_MODES)}")
         if u.preprocessor not in PREPROCESSORS:
-            raise RequestError(f"{which}: unknown --control_preprocessor {u.preprocessor!r}; choose one of "
+            raise ControlError(f"{which}: unknown --control_preprocessor {u.preprocessor!r}; choose one of "
                                f"{', '.join(PREPROCESSORS)}")
         if u.resize not in RESIZE_MODES:
-            raise RequestError(f"{which}: unknown --control_resize {u.resize!r}; choose one of "
+            raise ControlError(f"{which}: unknown --control_resize {u.resize!r}; choose one of "
                                f"{', '.join(RESIZE_MODES)}")
         for name in ("low", "high"):
             v = getattr(u, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 255:
-                raise RequestError(f"{which}: --control_{name} must be a number from 0 to 255, got {v!r}")
+                raise ControlError(f"{which}: --control_{name} must be a number from 0 to 255, got {v!r}")
         if u.image is None:
-            raise RequestError(f"{which} needs a control image; give --control_image")
+            raise ControlError(f"{which} needs a control image; give --control_image")
         if getattr(r, "hr_scale", None) or getattr(r, "hr_resize_x", 0) or getattr(r, "hr_resize_y", 0):
-            raise RequestError("ControlNet with the hires fix is not supported yet; leave out --hr_scale / --hr_resize")
+            raise ControlError("ControlNet with the hires fix is not supported yet; leave out --hr_scale / --hr_resize")
         name = u.image_name or (Path(u.image).name if isinstance(u.image, (str, Path)) else None)
         try:
             image = u.image if isinstance(u.image, Image.Image) else open_image(u.image, "control image")
             image = to_rgb(image)
         except InputError as e:
-            raise RequestError(f"{which}: {e}") from None
+            raise ControlError(f"{which}: {e}") from None
         model = u.model if not read else find_controlnet(u.model)
         if read:
             try:
                 check_controlnet(model, cfg.unet)
             except ControlNetError as e:
-                raise RequestError(f"{which}: {e}") from None
+                raise ControlError(f"{which}: {e}") from None
         units.append(_replace(u, model=str(model), image=image, image_name=name, weight=float(u.weight),
                               start=float(u.start), end=float(u.end)))
     return _replace(r, controls=tuple(units))
@@ -315,8 +318,7 @@ class NetCache:
     def nets(self, r, cfg, dtype, channels_last: bool) -> list[ActiveNet]:
         from ..custom.controlnet_file import ControlNetError, load_controlnet
         from .control_images import hint_tensor
-        from .request import RequestError
-
+    
         kept, out = {}, []
         for i, u in enumerate(r.controls):
             key = (str(u.model), i)
@@ -325,7 +327,7 @@ class NetCache:
                 try:
                     net = load_controlnet(u.model, cfg.unet, dtype)
                 except ControlNetError as e:
-                    raise RequestError(str(e)) from None
+                    raise ControlError(str(e)) from None
                 if channels_last:
                     net.to(memory_format=torch.channels_last)
             kept[key] = net
@@ -337,8 +339,7 @@ class NetCache:
 def controls_from_flags(models, images, weights=(), starts=(), ends=(), modes=(), preprocessors=(), lows=(),
                         highs=(), resizes=(), dirs=()) -> tuple[ControlUnit, ...]:
     """ControlUnits from repeatable flags: the i-th value of each belongs to the i-th net (missing:
-    the default). More values of a flag than nets, or a net without an image, is a RequestError."""
-    from .request import RequestError
+    the default). More values of a flag than nets, or a net without an image, is a ControlError."""
 
     models, images = list(models or []), list(images or [])
     given = dict(weight=weights, start=starts, end=ends, mode=modes, preprocessor=preprocessors, low=lows,
@@ -346,14 +347,14 @@ def controls_from_flags(models, images, weights=(), starts=(), ends=(), modes=()
     if not models:
         extra = [f"--control_{k}" for k, v in given.items() if v] + (["--control_image"] if images else [])
         if extra:
-            raise RequestError(f"{', '.join(extra)} given without --controlnet; add --controlnet PATH")
+            raise ControlError(f"{', '.join(extra)} given without --controlnet; add --controlnet PATH")
         return ()
     if len(images) != len(models):
-        raise RequestError(f"{len(models)} --controlnet but {len(images)} --control_image: give one control image "
+        raise ControlError(f"{len(models)} --controlnet but {len(images)} --control_image: give one control image "
                            "per ControlNet, in the same order")
     for k, v in given.items():
         if v and len(v) > len(models):
-            raise RequestError(f"{len(v)} --control_{k} for {len(models)} --controlnet; the i-th value belongs to "
+            raise ControlError(f"{len(v)} --control_{k} for {len(models)} --controlnet; the i-th value belongs to "
                                "the i-th net")
     units = []
     for i, (model, image) in enumerate(zip(models, images)):

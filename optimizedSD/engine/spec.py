@@ -57,9 +57,12 @@ class ModelSpec:
         request = complete(request, self.cfg, demo=self.demo, labels=labels, notify=notify)
         request_loras(request, self.cfg, self.custom.lora_dirs)  # every LoRA found, read and checked
         if request.controls:  # every ControlNet found and checked (read unless planning), its image opened
-            from .control import complete_controls
+            from .control import ControlError, complete_controls
 
-            request = complete_controls(request, self.cfg, labels, read=not self.planning)
+            try:
+                request = complete_controls(request, self.cfg, labels, read=not self.planning)
+            except ControlError as e:
+                raise RequestError(str(e)) from None
         return request
 
 
