@@ -379,7 +379,8 @@ class LoraPatch:
 def apply_loras(fragments: dict[str, nn.Module], loras: list[tuple[Lora, float]]) -> LoraPatch:
     """Patch the host masters of `fragments` with `loras` [(lora, weight)]: each touched weight becomes
     cast(W_fp32 + sum of weight * scale * up @ down), one layer at a time (a single fp32 copy of one
-    weight at once: `addmm_` accumulates the products into it). Only between phases (every weight on
+    weight at once: `addmm_` accumulates the products into it; a `LycorisLayer` adds its fp32 change from
+    the original weight, to the weight or the bias it names). Only between phases (every weight on
     the host); undo one patch (`LoraPatch.undo`) before applying the next."""
     by_target: dict[str, list[tuple[LoraLayer | LycorisLayer, float]]] = {}  # parameter key -> its changes
     for lora, weight in loras:
