@@ -65,11 +65,31 @@ def main(argv=None) -> int:
                         "CKPT's weights (original layout), in alternating processes: the first of --sizes, "
                         "--steps (default 4) DDIM steps, --precision; needs diffusers (requirements-dev.txt)")
     p.add_argument("--runs", type=int, default=2, help="--vs-diffusers: pairs of runs (default 2)")
+    p.add_argument("--vs-sdcpp", action="store_true",
+                   help="instead: whole CPU runs of this tool against stable-diffusion.cpp (stable-diffusion-cpp-python; "
+                        "f32, f16, q8_0) on --ckpt (original layout), euler, the first of --sizes, --steps (default 4); "
+                        "skipped with one line when not installed (tools/bench_peers.py)")
+    p.add_argument("--vs-openvino", action="store_true",
+                   help="instead: the same against OpenVINO (optimum-intel in the venv of --openvino-python; its default "
+                        "precision and f32)")
+    p.add_argument("--openvino-python", default="/tmp/ov-venv/bin/python",
+                   help="--vs-openvino: the Python of the separate venv holding optimum-intel (default /tmp/ov-venv/bin/python)")
+    p.add_argument("--images", type=int, default=3, help="--vs-sdcpp/--vs-openvino: images of the warm process (default 3)")
+    p.add_argument("--random-ckpt", metavar="PATH", default=None,
+                   help="--vs-sdcpp/--vs-openvino: first write a full-size random SD v1 checkpoint (original layout) to PATH")
     p.add_argument("--lora", metavar="FILE", default=None,
                    help="instead: read the LoRA FILE, patch the fp16 host weights of the model (--config; "
                         "uninitialised, no checkpoint read) and undo; report the seconds and the host RAM the "
                         "originals of the patched layers hold")
     args = p.parse_args(argv)
+    if args.vs_sdcpp or args.vs_openvino:
+        from optimizedSD.tools import bench_peers
+
+        if args.images < 1 or (args.steps or 4) < 1:
+            p.error("--images and --steps must be at least 1")
+        tools = [t for t, on in (("sdcpp", args.vs_sdcpp), ("openvino", args.vs_openvino)) if on]
+        return bench_peers.main(args.ckpt, tools, args.sizes[0], args.steps or 4, args.images, args.openvino_python,
+                                args.random_ckpt, args.json, config=args.config)
     if args.vs_diffusers:
         from optimizedSD.tools import bench_vs_diffusers
 
