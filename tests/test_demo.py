@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from optimizedSD.model.checkpoint import load_fragments
-from optimizedSD.engine.spec import DEMO_CKPT, DEMO_CONFIG, ROOT
+from optimizedSD.model.paths import DEMO_CKPT, DEMO_CONFIG, ROOT
 from optimizedSD.engine.request import DEMO_SCALE
 from optimizedSD.model.config import SDConfig
 from optimizedSD.tools.demo_data import COLOURS, POSITIONS, SIZE, Scene, all_scenes, render
