@@ -10,7 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, LCMScheduler
+from lora_files import LOCON_TARGETS, allow_installed_peft, kohya_state, lora_tensors, write_kohya
 from reference import assert_same_image, diffusers_images, our_images, sd_v1_scheduler_config
+from safetensors import safe_open
+
+from optimizedSD.custom.lora import apply_loras, read_lora
 
 from optimizedSD.engine.pipeline import Pipeline, SampleSettings
 from optimizedSD.engine.request import Request, RequestError, check, with_defaults
@@ -81,3 +85,27 @@ def test_lcm_steps_beyond_its_schedule_are_one_line():
         check(r, cfg)
     assert "\n" not in str(e.value)
     check(with_defaults(Request("a fox", sampler="lcm", steps=4, seed=1), demo=True), cfg)
+
+
+def test_lcm_lora_in_kohya_layout_equals_diffusers(random_model, tmp_path, monkeypatch):
+    """An LCM-LoRA as the public lcm-lora-sdv1-5 file holds it (UNet only, every attention, feed-forward,
+    ResBlock conv, time projection and resampler: `lora_unet_down_blocks_...` kohya names, alphas),
+    applied with our LoRA loader under the `lcm` sampler at 4 steps, cfg 1.5, against diffusers'
+    `load_lora_weights` with its LCMScheduler."""
+    cfg = random_model[0]
+    unet, _, _, _ = lora_tensors(random_model, 7, LOCON_TARGETS, [], rank=4, alpha=4)
+    path = write_kohya(tmp_path / "lcm-lora-sdv1-5.safetensors", kohya_state(unet, {}, alpha=4))
+    with safe_open(str(path), "pt") as f:
+        assert {"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight",
+                "lora_unet_up_blocks_0_upsamplers_0_conv.alpha"} <= set(f.keys())
+    allow_installed_peft(monkeypatch)
+
+    def ours(fragments):
+        apply_loras(fragments, [(read_lora(path, cfg), 1.0)])
+
+    a = our_images(random_model, [SEED], 64, 64, "lcm", steps=4, scale=1.5, prepare=ours)[0]
+    b = diffusers_images(random_model, SEED, 64, 64, lcm_scheduler(), steps=4, scale=1.5,
+                         prepare=lambda pipe: pipe.load_lora_weights(str(path)))[0]
+    plain = our_images(random_model, [SEED], 64, 64, "lcm", steps=4, scale=1.5)[0]
+    assert abs(a - plain).mean() > 3  # the LoRA changed the image: the comparison means something
+    assert_same_image(a, b)
