@@ -18,12 +18,15 @@ WEBUI_LABELS = {"Euler a": "sample_euler_ancestral", "Euler": "sample_euler", "L
                 "Heun": "sample_heun", "DPM2": "sample_dpm_2", "DPM2 a": "sample_dpm_2_ancestral",
                 "DPM++ 2S a": "sample_dpmpp_2s_ancestral", "DPM++ 2M": "sample_dpmpp_2m",
                 "DPM++ SDE": "sample_dpmpp_sde", "DPM++ 2M SDE": "sample_dpmpp_2m_sde", "DPM fast": "sample_dpm_fast",
-                "DPM adaptive": "sample_dpm_adaptive", "DDIM": "ddim", "PLMS": "plms"}
+                "DPM adaptive": "sample_dpm_adaptive", "DDIM": "ddim", "PLMS": "plms", "LCM": "sample_lcm"}
 WEBUI_SCHEDULERS = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform")
 # Which k-diffusion algorithm each of our samplers is (ksamplers.py docstrings).
 OURS = {"euler_a": "sample_euler_ancestral", "euler": "sample_euler", "lms": "sample_lms", "heun": "sample_heun",
         "dpm2": "sample_dpm_2", "dpm2_a": "sample_dpm_2_ancestral", "dpmpp_2s_a": "sample_dpmpp_2s_ancestral",
-        "dpmpp_2m": "sample_dpmpp_2m", "dpmpp_sde": "sample_dpmpp_sde", "ddim": "ddim", "plms": "plms"}
+        "dpmpp_2m": "sample_dpmpp_2m", "dpmpp_sde": "sample_dpmpp_sde", "ddim": "ddim", "plms": "plms",
+        "lcm": "sample_lcm"}
+# What a text without `Clip skip`, `Pad conds` or `Prompt syntax` means: the webui's defaults.
+TEXT_DEFAULTS = {"clip_skip": 1, "pad_conds": False, "prompt_syntax": "webui"}
 
 
 def webui_reads(sampler_value: str) -> tuple[str, str]:
@@ -60,7 +63,7 @@ def test_parses_the_webuis_own_example():
     assert notes == []
     assert fields == {"prompt": text.splitlines()[0], "negative_prompt": text.splitlines()[1][len("Negative prompt: "):],
                       "sampler": "euler_a", "karras": False, "steps": 20, "scale": 7.0, "seed": 965400086,
-                      "width": 512, "height": 512}
+                      "width": 512, "height": 512, **TEXT_DEFAULTS}
 
 
 def test_parses_the_newer_webuis_schedule_type_and_quoted_values():
@@ -82,7 +85,7 @@ def test_parses_our_old_names_and_says_what_is_not_ours():
     fields, notes = request_fields(parse("p\nSteps: 20, Sampler: UniPC, Schedule type: Exponential, Seed: 1"))
     assert "sampler" not in fields and fields["steps"] == 20
     assert notes == ["sampler 'UniPC' is not one of ours (Euler a, Euler, Heun, DPM2, DPM2 a, LMS, DPM++ 2M, "
-                     "DPM++ 2S a, DPM++ SDE, DDIM, PLMS)",
+                     "DPM++ 2S a, DPM++ SDE, DDIM, PLMS, LCM)",
                      "schedule type 'Exponential' is not one of ours (Automatic, Karras)"]
 
 
@@ -107,7 +110,8 @@ def test_round_trip_through_a_written_file(tmp_path, fmt):
     fields, notes = request_fields(parsed)
     assert notes == []
     assert fields == {"prompt": prompt, "negative_prompt": negative, "sampler": "dpm2_a", "karras": True,
-                      "steps": 12, "scale": 4.5, "seed": 99, "width": 24, "height": 16, "strength": 0.6}
+                      "steps": 12, "scale": 4.5, "seed": 99, "width": 24, "height": 16, "strength": 0.6,
+                      **TEXT_DEFAULTS}
     assert parsed["Model"] == "my,model"
 
 
@@ -121,3 +125,81 @@ def test_reads_the_webuis_exif_user_comment():
     with Image.open(buf) as im:
         assert read_parameters(im) == text
     assert read_parameters(Image.new("RGB", (8, 8))) is None
+
+
+# ---- the ControlNet extension's units (sd-webui-controlnet internal_controlnet/args.py) --------------
+# Its `ControlNetUnit.parse`, written out from its source: "Field Name: value" items split at ",", each
+# value "True"/"False", else an int, else a float, else text; display names are the fields' words capitalised.
+EXTENSION_RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")  # scripts/enums.py ResizeMode
+EXTENSION_CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+EXTENSION_FIELDS = ("module", "model", "weight", "resize_mode", "processor_res", "threshold_a", "threshold_b",
+                    "guidance_start", "guidance_end", "pixel_perfect", "control_mode")  # infotext_fields()
+
+
+def extension_parse(text: str) -> dict:
+    def value(v):
+        if v in ("True", "False"):
+            return v == "True"
+        for kind in (int, float):
+            try:
+                return kind(v)
+            except ValueError:
+                pass
+        return v
+    return {"_".join(w.lower() for w in key.split(" ")): value(v)
+            for item in text.split(",") for key, v in (item.strip().split(": "),)}
+
+
+def test_reads_the_extensions_published_unit_and_says_what_is_missing():
+    """The extension's own infotext example (unit_tests/args_test.py `test_infotext_parsing`) in a webui text."""
+    unit = ("Module: inpaint_only+lama, Model: control_v11p_sd15_inpaint [ebff9138], Weight: 1, "
+            "Resize Mode: Resize and Fill, Low Vram: False, Guidance Start: 0, Guidance End: 1, "
+            "Pixel Perfect: True, Control Mode: Balanced")
+    text = f'a house\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, ControlNet 0: "{unit}"'
+    parsed = parse(text)
+    assert parsed["ControlNet 0"] == unit
+    fields, notes = request_fields(parsed)
+    (got,) = fields["controls"]
+    ext = extension_parse(unit)
+    assert (got.model, got.weight, got.start, got.end) == ("control_v11p_sd15_inpaint", ext["weight"],
+                                                           ext["guidance_start"], ext["guidance_end"])
+    assert (got.resize, got.mode, got.preprocessor, got.image) == ("resize and fill", "balanced", "none", None)
+    assert notes == ["ControlNet 0: preprocessor 'inpaint_only+lama' is not one of ours (none, canny, invert); none "
+                     "used (give a ready-made map)",
+                     "ControlNet 0: Pixel Perfect is not ours; the map is made at the render's size",
+                     "ControlNet 0: the control image is not in the PNG; give it again (model "
+                     "control_v11p_sd15_inpaint [ebff9138])"]
+
+
+def test_our_units_are_the_extensions_format_and_read_back(tmp_path):
+    """What the writer puts in a PNG parses with the extension's parser into its own field names and enum
+    values, and reads back into the same units (less the control image)."""
+    from optimizedSD.engine.control import ControlUnit, control_metadata
+    from optimizedSD.engine.request import Request
+
+    model = tmp_path / "control_v11p_sd15_canny.safetensors"
+    model.write_bytes(bytes(range(256)) * 8192)  # 2 MiB: the webui's short hash reads 64 KiB at 1 MiB
+    units = (ControlUnit(str(model), "a.png", weight=0.8, start=0.1, end=0.9, mode="prompt", preprocessor="canny",
+                         low=50, high=150, resize="just resize"),
+             ControlUnit(str(model), "b.png", weight=1.25, mode="control", preprocessor="invert"))
+    r = Request("p", width=64, height=64, controls=units)
+    meta = control_metadata(r)
+    text = parameters_text({"prompt": "p", "steps": 4, "sampler": "ddim", "seed": 1, "size": "64x64", **meta})
+    parsed = parse(text)
+    import hashlib
+    digest = hashlib.sha256(model.read_bytes()[0x100000:0x110000]).hexdigest()[:8]
+    for i, u in enumerate(units):
+        ext = extension_parse(parsed[f"ControlNet {i}"])
+        assert set(ext) == set(EXTENSION_FIELDS)
+        assert ext["model"] == f"control_v11p_sd15_canny [{digest}]" and ext["module"] == u.preprocessor
+        assert ext["resize_mode"] in EXTENSION_RESIZE_MODES and ext["control_mode"] in EXTENSION_CONTROL_MODES
+        assert (ext["weight"], ext["guidance_start"], ext["guidance_end"]) == (u.weight, u.start, u.end)
+    fields, notes = request_fields(parsed)
+    assert fields["controls"] == tuple(ControlUnit("control_v11p_sd15_canny", None, **{
+        k: getattr(u, k) for k in ("weight", "start", "end", "mode", "preprocessor", "resize")},
+        **({"low": u.low, "high": u.high} if u.preprocessor == "canny" else {})) for u in units)
+    assert notes == [f"ControlNet {i}: the control image is not in the PNG; give it again (model "
+                     f"control_v11p_sd15_canny [{digest}])" for i in range(2)]
+    bad = parse('p\nSteps: 4, Seed: 1, Size: 64x64, ControlNet 0: "preprocessor: canny, weight: 1"')
+    fields, notes = request_fields(bad)
+    assert "controls" not in fields and notes[0].startswith("ControlNet 0 'preprocessor: canny, weight: 1' is not")

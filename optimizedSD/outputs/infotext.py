@@ -10,7 +10,9 @@ pair pattern `_PAIR` copies). Sampler names are the webui's labels (`modules/sd_
 `Euler a`, `DPM++ 2M`, ... and `DDIM`, `PLMS`), with a ` Karras` suffix for the Karras schedule, so
 the webui maps them to its samplers; our PNG `sampler` text chunk keeps our own name (`euler_a karras`).
 `parse` reads our texts old (`Sampler: euler_a karras`) and new, and the webui's, including its newer
-`Sampler: DPM++ 2M, Schedule type: Karras`. `request_fields` turns parsed text into `Request` fields.
+`Sampler: DPM++ 2M, Schedule type: Karras`. `request_fields` turns parsed text into `Request` fields,
+the ControlNet extension's units (`ControlNet 0: "Module: canny, Model: name [hash], Weight: 1.0, ..."`,
+its `ControlNetUnit.serialize`) included, less their control images, which no PNG holds.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ _AUTOMATIC = "Automatic"  # the webui's `Schedule type` of a sampler's own sched
 # The webui's `re_param_code`: `key: value` with the value JSON-quoted or up to the next comma.
 _PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
+_CONTROL_KEY = re.compile(r"^ControlNet (\d+)$")  # the ControlNet extension's unit keys
 
 # Fields the writer puts first, in the webui's order: (parameters key, metadata key).
 _FIELDS = (("Steps", "steps"), ("Sampler", "sampler"), ("CFG scale", "scale"), ("Seed", "seed"), ("Size", "size"),
@@ -148,6 +151,10 @@ def request_fields(parsed: dict) -> tuple[dict, list[str]]:
         fields.pop("strength", None)
         fields.update(hires)
     notes += hires_notes
+    controls, control_notes = control_fields(parsed)
+    if controls:
+        fields["controls"] = controls
+    notes += control_notes
     return fields, notes
 
 
@@ -161,6 +168,54 @@ def text_fields(parsed: dict, notes: list[str]) -> dict:
     except ValueError:
         notes.append(f"Clip skip {parsed['Clip skip']!r} is not a number")
     return fields
+
+
+def control_fields(parsed: dict) -> tuple[tuple, list[str]]:
+    """(ControlUnits, notes) of the `ControlNet N` keys, in N's order. A unit's `model` is the name the
+    text gives, without its ` [hash]` (the front finds the file in its ControlNet folders); its `image`
+    is None: the extension writes no control image into the PNG (nor does the webui paste one), so
+    each unit gets a note saying to give it again. A unit that cannot be read is left out, with a note."""
+    from ..engine.control import CONTROL_MODES, ControlUnit
+    from ..engine.control_images import PREPROCESSORS, RESIZE_MODES
+
+    modes = {label.lower(): ours for ours, label in CONTROL_MODES.items()}
+    resizes = {label.lower(): ours for ours, label in RESIZE_MODES.items()}
+    keys = sorted((int(m.group(1)), k) for k in parsed if (m := _CONTROL_KEY.match(k)))
+    units, notes = [], []
+    for n, key in keys:
+        try:  # the extension's `ControlNetUnit.parse`: "Field Name: value" pairs split at ", "
+            items = {k.strip(): v.strip() for k, _, v in (item.strip().partition(": ") for item in parsed[key].split(","))}
+            name, _, digest = items["Model"].partition(" [")
+            unit = dict(model=name.strip(), weight=float(items.get("Weight", 1)),
+                        start=float(items.get("Guidance Start", 0)), end=float(items.get("Guidance End", 1)))
+        except (KeyError, ValueError):
+            notes.append(f"{key} {parsed[key]!r} is not the ControlNet extension's unit format; left out")
+            continue
+        module = items.get("Module", "none").lower()
+        if module not in PREPROCESSORS:
+            notes.append(f"{key}: preprocessor {module!r} is not one of ours ({', '.join(PREPROCESSORS)}); none used "
+                         "(give a ready-made map)")
+            module = "none"
+        unit["preprocessor"] = module
+        if module == "canny":  # the extension's Threshold A/B are canny's low/high thresholds
+            try:
+                unit.update(low=float(items.get("Threshold A", 100)), high=float(items.get("Threshold B", 200)))
+            except ValueError:
+                notes.append(f"{key}: thresholds {items.get('Threshold A')!r}/{items.get('Threshold B')!r} are not "
+                             "numbers; 100/200 used")
+        mode = modes.get(items.get("Control Mode", "Balanced").lower())
+        if mode is None:
+            notes.append(f"{key}: control mode {items['Control Mode']!r} is not one of ours; Balanced used")
+        unit["mode"] = mode or "balanced"
+        resize = resizes.get(items.get("Resize Mode", "Crop and Resize").lower())
+        if resize is None:
+            notes.append(f"{key}: resize mode {items['Resize Mode']!r} is not one of ours; Crop and Resize used")
+        unit["resize"] = resize or "crop and resize"
+        if items.get("Pixel Perfect", "False") == "True":
+            notes.append(f"{key}: Pixel Perfect is not ours; the map is made at the render's size")
+        units.append(ControlUnit(**unit))
+        notes.append(f"{key}: the control image is not in the PNG; give it again (model {items['Model']})")
+    return tuple(units), notes
 
 
 # --fp8 as the webui's `FP8 weight` field (its `fp8_storage` option: "Enable" stores the Linear/Conv2d
