@@ -1,12 +1,16 @@
 """The webui's HTTP API (`webui.py --api`) driven by real clients: the published `webuiapi` package and
 `gradio_client`, against one server (a subprocess on the demo model, CPU, 64x64, a few steps) for the
 whole module. Images are compared with what the CLI writes for the same settings (pixel for pixel, and
-the saved PNG's `parameters`); hostile requests get their status code and the server goes on serving.
+the saved PNG's `parameters`): plain, with the hires fix (`enable_hr`) and with a ControlNet sent the
+ControlNet extension's way (webuiapi's `ControlNetUnit`: a random ControlNet for the demo model in the
+original layout, in the server's --controlnet_dir); hostile requests get their status code and the
+server goes on serving.
 """
 from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 import socket
 import subprocess
@@ -25,6 +29,7 @@ webuiapi = pytest.importorskip("webuiapi")
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "weights" / "demo.safetensors"
 PROMPT = "a red circle on a blue background, top left"
+CONTROLNET = "control_demo"  # its file in the server's --controlnet_dir
 USER, PASSWORD = "alice", "s3cret"
 UI_USER, UI_PASSWORD = "bob", "pw"
 FAST = dict(steps=6, cfg_scale=3, width=64, height=64)
@@ -36,11 +41,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def write_demo_controlnet(path: Path) -> None:
+    """A random ControlNet for the demo model's UNet, zero convs included (else it adds nothing), saved in
+    the original layout (`control_model.*`) as tests/test_controlnet.py writes its nets."""
+    import torch
+    from reference import randomize
+
+    from optimizedSD.model.config import SDConfig
+    from optimizedSD.model.controlnet import ControlNet
+
+    torch.manual_seed(3)
+    net = ControlNet(SDConfig.from_yaml(ROOT / "configs" / "demo.yaml").unet).eval()
+    randomize(net, 503)
+    torch.save({f"control_model.{k}": v.clone() for k, v in net.state_dict().items()}, path)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The server and its folders: --ckpt-dir holds demo.safetensors and copy.safetensors (the demo model
-    twice, each with its YAML beside it) and a link to a file outside the folder, which must not count."""
+    twice, each with its YAML beside it) and a link to a file outside the folder, which must not count;
+    --controlnet_dir holds one ControlNet for the demo model."""
     d = tmp_path_factory.mktemp("api")
+    (d / "ControlNet").mkdir()
+    write_demo_controlnet(d / "ControlNet" / f"{CONTROLNET}.pth")
     ckpts = d / "Stable-diffusion"
     ckpts.mkdir()
     for name in ("demo", "copy"):
@@ -54,7 +77,8 @@ def server(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "optimizedSD/webui.py", "--demo", "--ckpt", str(ckpts / "demo.safetensors"), "--device", "cpu",
          "--api", "--port", str(port), "--outdir", str(out), "--ckpt-dir", str(ckpts),
-         "--api-auth", f"{USER}:{PASSWORD}", "--gradio-auth", f"{UI_USER}:{UI_PASSWORD}"],
+         "--api-auth", f"{USER}:{PASSWORD}", "--gradio-auth", f"{UI_USER}:{UI_PASSWORD}",
+         "--controlnet_dir", str(d / "ControlNet")],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
@@ -68,7 +92,7 @@ def server(tmp_path_factory):
             proc.kill()
             pytest.fail("the server did not start:\n" + (d / "server.log").read_text())
         time.sleep(0.5)
-    yield dict(url=url, port=port, out=out, dir=d, ckpts=ckpts)
+    yield dict(url=url, port=port, out=out, dir=d, ckpts=ckpts, controlnet=d / "ControlNet" / f"{CONTROLNET}.pth")
     proc.terminate()
     try:
         proc.wait(20)
@@ -131,6 +155,68 @@ def test_txt2img_batch_equals_the_cli_and_saves_the_same_parameters(api, server,
         assert Image.open(path).info["parameters"] == Image.open(ref).info["parameters"]
         assert np.array_equal(pixels(path), pixels(ref))
     assert r.info["infotexts"][1] == Image.open(want[0]).info["parameters"]
+
+
+def test_txt2img_with_enable_hr_equals_the_clis_hires_fix_and_saves_its_parameters(api, server, tmp_path):
+    r = api.txt2img(prompt=PROMPT, seed=51, sampler_name="Euler a", enable_hr=True, hr_scale=2, hr_upscaler="Latent",
+                    hr_second_pass_steps=4, denoising_strength=0.6, save_images=True, **FAST)
+    assert r.image.size == (128, 128) and r.info["warnings"] == [] and r.info["denoising_strength"] == 0.6
+    assert r.info["extra_generation_params"] == {"Hires upscale": "2", "Hires steps": 4, "Hires upscaler": "Latent"}
+    (want,) = cli("txt2img", tmp_path, "--prompt", PROMPT, "--seed", 51, "--sampler", "euler_a", "--ddim_steps", 6,
+                  "--scale", 3, "--W", 64, "--H", 64, "--n_samples", 1, "--hr_scale", 2, "--hr_upscaler", "latent",
+                  "--hr_steps", 4, "--hr_denoise", 0.6)
+    assert np.array_equal(pixels(r.image), pixels(want))
+    (saved,) = server["out"].rglob("seed_51_*.png")
+    assert Image.open(saved).info["parameters"] == Image.open(want).info["parameters"] == r.info["infotexts"][0]
+    assert "Hires upscaler: Latent" in r.info["infotexts"][0]
+    # Lanczos to a given width (the height from the aspect); denoising_strength left to the webui's 0.75
+    r = api.txt2img(prompt=PROMPT, seed=52, sampler_name="DDIM", eta=0, enable_hr=True, hr_upscaler="Lanczos",
+                    hr_resize_x=96, denoising_strength=None, **FAST)
+    (want,) = cli("txt2img", tmp_path, "--prompt", PROMPT, "--seed", 52, "--sampler", "ddim", "--ddim_steps", 6,
+                  "--scale", 3, "--W", 64, "--H", 64, "--n_samples", 1, "--hr_resize_x", 96, "--hr_upscaler", "lanczos",
+                  "--hr_denoise", 0.75)
+    assert r.image.size == (96, 96) and np.array_equal(pixels(r.image), pixels(want))
+
+
+def test_controlnet_unit_through_webuiapi_equals_the_clis_controlnet(api, server, tmp_path):
+    assert api.controlnet_model_list() == [f"{CONTROLNET} [{model_hash(server['controlnet'])}]"]
+    assert {"none", "canny", "invert"} <= set(api.controlnet_module_list())
+    control = tmp_path / "control.png"
+    picture().save(control)
+    unit = webuiapi.ControlNetUnit(image=picture(), module="canny", model=api.controlnet_model_list()[0], weight=0.8,
+                                   resize_mode="Just Resize", threshold_a=60, threshold_b=140, guidance_end=0.75,
+                                   control_mode=1, processor_res=64)
+    # a fresh alwayson_scripts each call: webuiapi adds the units to its default {} (shared by later calls)
+    r = api.txt2img(prompt=PROMPT, seed=61, sampler_name="Euler", controlnet_units=[unit], alwayson_scripts={},
+                    save_images=True, **FAST)
+    assert r.info["warnings"] == []
+    (want,) = cli("txt2img", tmp_path, "--prompt", PROMPT, "--seed", 61, "--sampler", "euler", "--ddim_steps", 6,
+                  "--scale", 3, "--W", 64, "--H", 64, "--n_samples", 1, "--controlnet", server["controlnet"],
+                  "--control_image", control, "--control_weight", 0.8, "--control_resize", "just resize",
+                  "--control_preprocessor", "canny", "--control_low", 60, "--control_high", 140, "--control_end", 0.75,
+                  "--control_mode", "prompt")
+    assert np.array_equal(pixels(r.image), pixels(want))
+    (saved,) = server["out"].rglob("seed_61_*.png")
+    text = Image.open(saved).info["parameters"]
+    assert text == Image.open(want).info["parameters"]
+    assert f'ControlNet 0: "Module: canny, Model: {CONTROLNET} [' in text
+    plain = api.txt2img(prompt=PROMPT, seed=61, sampler_name="Euler", **FAST)  # the net does act
+    assert not np.array_equal(pixels(plain.image), pixels(r.image))
+    # the model by name alone, the mode by its label; a unit not enabled is skipped, as the extension does
+    unit.model, unit.control_mode = CONTROLNET, "My prompt is more important"
+    off = webuiapi.ControlNetUnit(image=picture(), model="no such net", enabled=False)
+    again = api.txt2img(prompt=PROMPT, seed=61, sampler_name="Euler", controlnet_units=[off, unit],
+                        alwayson_scripts={}, **FAST)
+    assert np.array_equal(pixels(again.image), pixels(want))
+
+
+def model_hash(path: Path) -> str:
+    """The webui's short model hash (`sd_models.model_hash`), as the ControlNet extension lists a model."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
 
 
 def test_img2img_and_inpaint_with_webui_labels_equal_the_cli(api, tmp_path):
@@ -213,6 +299,73 @@ def test_interrupt_during_a_run_keeps_the_finished_batches(api, server):
     r = result["r"]
     assert 1 <= len(r.images) < 4 and any(w.startswith("interrupted") for w in r.info["warnings"])
     assert api.get_progress()["state"]["job"] == ""
+
+
+def test_skip_during_a_batch_of_two_drops_that_batch_and_renders_the_next(api, tmp_path):
+    result = {}
+
+    def run():
+        result["r"] = api.txt2img(prompt=PROMPT, seed=71, sampler_name="Euler", n_iter=2, steps=50, cfg_scale=3,
+                                  width=64, height=64)
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.time() + 120
+    while True:
+        p = api.get_progress()
+        if p["state"]["job"] == "txt2img" and p["state"]["job_no"] == 0 and p["state"]["sampling_step"] > 0:
+            break
+        assert time.time() < deadline and t.is_alive()
+        time.sleep(0.02)
+    api.skip()
+    t.join(120)
+    r = result["r"]
+    assert r.info["all_seeds"] == [72] and len(r.images) == 1
+    assert "batch 1 of 2 skipped" in r.info["warnings"]
+    (want,) = cli("txt2img", tmp_path, "--prompt", PROMPT, "--seed", 72, "--sampler", "euler", "--ddim_steps", 50,
+                  "--scale", 3, "--W", 64, "--H", 64, "--n_samples", 1)
+    assert np.array_equal(pixels(r.image), pixels(want))
+
+
+def test_bad_hires_and_controlnet_fields_are_422_naming_the_field(server):
+    url, auth = server["url"] + "/sdapi/v1", (USER, PASSWORD)
+
+    def post(**body):
+        return requests.post(f"{url}/txt2img", auth=auth, timeout=120, json={"prompt": PROMPT, **FAST, **body})
+    hires = dict(enable_hr=True, hr_scale=2)
+    for bad, field in ((dict(hr_upscaler="R-ESRGAN 4x+"), "hr_upscaler"), (dict(hr_scale=0), "hr_scale"),
+                       (dict(hr_second_pass_steps=-1), "hr_second_pass_steps"),
+                       (dict(denoising_strength=0), "denoising_strength"), (dict(hr_resize_x=-8), "hr_resize_x")):
+        r = post(**{**hires, **bad})
+        assert r.status_code == 422 and r.json()["field"] == field, (bad, r.json())
+    assert "R-ESRGAN 4x+" in post(**hires, hr_upscaler="R-ESRGAN 4x+").json()["detail"]
+    r = post(enable_hr=True, hr_scale="big")
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "hr_scale"]
+
+    good = {"enabled": True, "image": b64(picture()), "model": CONTROLNET, "module": "none"}
+
+    def unit(**change):
+        return post(alwayson_scripts={"controlnet": {"args": [{**good, **change}]}})
+    for change, loc in ((dict(weight="heavy"), "weight"), (dict(weight=3), "weight"),
+                        (dict(guidance_end=1.5), "guidance_end")):
+        r = unit(**change)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == \
+            ["body", "alwayson_scripts", "controlnet", "args", 0, loc], (change, r.json())
+    where = "alwayson_scripts.controlnet.args[0]"
+    for change, field in ((dict(module="openpose"), "module"), (dict(model="no such net"), "model"),
+                          (dict(model=f"../ControlNet/{CONTROLNET}"), "model"), (dict(model="None"), "model"),
+                          (dict(image="not base64!"), "image"), (dict(image=None), "image"),
+                          (dict(control_mode=7), "control_mode"), (dict(resize_mode="Stretch"), "resize_mode"),
+                          (dict(guidance_start=0.5, guidance_end=0.5), "guidance_start")):
+        r = unit(**change)
+        assert r.status_code == 422 and r.json()["field"] == f"{where}.{field}", (change, r.json())
+    assert "openpose" in unit(module="openpose").json()["detail"]
+    r = post(alwayson_scripts={"controlnet": {"args": "no"}})
+    assert r.status_code == 422 and r.json()["field"] == "alwayson_scripts.controlnet.args"
+    # other scripts, and a unit not enabled: ignored, said in info
+    r = post(seed=5, alwayson_scripts={"ADetailer": {"args": [True]}, "controlnet": {"args": [{"model": "x"}]}})
+    assert r.status_code == 200
+    assert json.loads(r.json()["info"])["warnings"] == ["alwayson_scripts.ADetailer ignored: no such script here "
+                                                        "(only controlnet)"]
 
 
 # ---- gradio's endpoints, and the queue they share with the API ------------------------------

@@ -7,8 +7,13 @@ turn (`jobs.Jobs`: one queue for UI clicks and API requests), `outputs.RequestWr
 a field of the wrong type 422 (pydantic's `detail` names it), a value the engine refuses 422 naming the
 field (`API_LABELS`), an unknown sampler or model 404, a body past `--api-max-body` 413 before it is read
 whole, an image past the pixel limit 422. Names in requests resolve only inside their folders: a model
-is one of the files listed in `--ckpt_dir` (no `..`, absolute path or link out), LoRA tags as
-`custom.lora.find_lora` resolves them. Images are written only under the server's output folders.
+is one of the files listed in `--ckpt_dir` (no `..`, absolute path or link out), a ControlNet one of the
+server's ControlNet folders' (`--controlnet_dir`, models/ControlNet), LoRA tags as `custom.lora.find_lora`
+resolves them. Images are written only under the server's output folders.
+
+The hires fix comes as the webui's `enable_hr` fields (`hires_fields`), ControlNet as the sd-webui-controlnet
+extension's `alwayson_scripts: {"controlnet": {"args": [unit, ...]}}` (`Api.control_units`), with its
+`/controlnet/model_list` and `/controlnet/module_list`.
 """
 from __future__ import annotations
 
@@ -18,30 +23,35 @@ import hmac
 import io
 import json
 import os
+import re
 import sys
 import threading
-from dataclasses import dataclass, fields as dataclass_fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request as HttpRequest
-from fastapi.exceptions import HTTPException
+from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from PIL import Image, ImageOps
+from pydantic import ValidationError
 
+from ..engine.control import CONTROL_MODES, ControlUnit, control_metadata, controlnet_files
+from ..engine.control_images import PREPROCESSORS, RESIZE_MODES
 from ..engine.customize import lora_names
+from ..engine.hires import UPSCALERS, hires_metadata, wanted
 from ..engine.engine import Cancelled, Engine
 from ..engine.inputs import MAX_INPUT_PIXELS, InputError, open_image
 from ..engine.request import Request, RequestError
 from ..engine.spec import resolve_model
-from ..model.paths import CKPT_SUFFIXES, DEMO_CONFIG, ROOT, is_inside, name_problem
+from ..model.paths import CKPT_SUFFIXES, DEMO_CONFIG, ROOT, bases, is_inside, name_problem
 from ..outputs.images import OutputError, ensure_writable
 from ..outputs.infotext import WEBUI_SAMPLERS, our_sampler, parse, read_parameters, webui_sampler
 from ..outputs.writer import RequestWriter, metadata
 from ..sampling.samplers import SAMPLERS, takes_noise
 from . import api_models as m
-from .api_models import API_LABELS
+from .api_models import API_LABELS, CONTROL_LABELS
 
 PREFIX = "/sdapi/v1"
 DEFAULT_CKPT_DIR = Path("models/Stable-diffusion")  # the webui's
@@ -51,7 +61,16 @@ SCHEDULERS = [m.SchedulerItem(name="automatic", label="Automatic", default_rho=-
 # The webui's other schedules: accepted, and the sampler's own schedule used with a warning.
 OTHER_SCHEDULERS = {"uniform", "exponential", "polyexponential", "sgm_uniform", "kl_optimal", "align_your_steps",
                     "simple", "normal", "ddim", "beta"}
-CLIP_SKIP = "clip_skip" in {f.name for f in dataclass_fields(Request)}  # another change adds it to Request
+HIRES_DENOISE = 0.75  # the webui's txt2img `denoising_strength` default (StableDiffusionProcessingTxt2Img)
+# The ControlNet extension's labels besides ours (engine/control.py, control_images.py): its resize modes by
+# number (`resize_mode_from_value`: 3, the old "Just Resize (Latent upscale)", is Just Resize) and its old
+# names, its control modes by number, its preprocessor labels.
+CONTROL_RESIZE_ALIASES = {"inner fit (scale to fit)": "crop and resize", "scale to fit (inner fit)": "crop and resize",
+                          "outer fit (shrink to fit)": "resize and fill", "envelope (outer fit)": "resize and fill"}
+CONTROL_RESIZE_NUMBERS = {0: "just resize", 1: "crop and resize", 2: "resize and fill", 3: "just resize"}
+CONTROL_MODE_NUMBERS = {0: "balanced", 1: "prompt", 2: "control"}
+PREPROCESSOR_LABELS = {"none": "none", "canny": "canny", "invert": "invert (from white bg & black line)"}
+CANNY_SLIDERS = ((1, 255, 100, "Low Threshold"), (1, 255, 200, "High Threshold"))  # the extension's canny
 
 
 class BodyTooLarge(HTTPException):
@@ -126,16 +145,35 @@ def error_body(e: Exception, field: str | None = None) -> dict:
     return body
 
 
-def field_of(message: str) -> str | None:
-    """The API field an engine message names (`API_LABELS`): the one it mentions first."""
+_CONTROL_MESSAGE = re.compile(r"ControlNet(?: (\d+))?\b")  # how engine/control.py starts a unit's message
+
+
+def field_of(message: str, control_args: list[str] = ()) -> str | None:
+    """The API field an engine message names (`API_LABELS`): the one it mentions first. A ControlNet unit's
+    message (`ControlNet 1: ...`) names `alwayson_scripts.controlnet.args[i]` and the field it mentions
+    (`CONTROL_LABELS`); `control_args[n]` is where the n-th enabled unit sits in the request."""
+    unit = _CONTROL_MESSAGE.match(message)
+    if unit and control_args:
+        n = int(unit.group(1) or 0)
+        where = control_args[n] if n < len(control_args) else "alwayson_scripts.controlnet.args"
+        found = [(m.start(), label) for label in set(CONTROL_LABELS.values())
+                 for m in [re.search(rf"(?<![\w.]){re.escape(label)}(?!\w)", message)] if m]
+        return f"{where}.{min(found)[1]}" if found else where
     found = [(message.find(label), -len(label), label) for label in set(API_LABELS.values()) if label in message]
     return min(found)[2] if found else None
 
 
-def refused(e: Exception, status: int = 422) -> HTTPException:
+def refused(e: Exception, status: int = 422, control_args: list[str] = ()) -> HTTPException:
     """A request error as an HTTPException the handler answers with `error_body`."""
     err = HTTPException(status, str(e))
-    err.field = field_of(str(e))
+    err.field = field_of(str(e), control_args)
+    return err
+
+
+def bad_field(field: str, message: str) -> HTTPException:
+    """A 422 for `field`, its message the one line to show."""
+    err = HTTPException(422, message)
+    err.field = field
     return err
 
 
@@ -191,6 +229,7 @@ class Api:
         app = FastAPI(title="optimizedSD: the webui's /sdapi/v1", docs_url="/docs", redoc_url=None)
         app.add_middleware(BodyLimit, limit=self.max_body)
         app.include_router(self.router())
+        app.include_router(self.controlnet_router())
 
         @app.exception_handler(HTTPException)
         async def http_error(request: HttpRequest, e: HTTPException):
@@ -224,6 +263,15 @@ class Api:
         r.add_api_route("/refresh-checkpoints", self.refresh, methods=["POST"])
         r.add_api_route("/refresh-loras", self.refresh, methods=["POST"])
         r.add_api_route("/scripts", self.scripts, methods=["GET"])
+        return r
+
+    def controlnet_router(self) -> APIRouter:
+        """The ControlNet extension's own routes (its scripts/api.py), beside /sdapi/v1."""
+        r = APIRouter(prefix="/controlnet", dependencies=[Depends(self.auth)] if self.credentials else [])
+        r.add_api_route("/version", self.controlnet_version, methods=["GET"])
+        r.add_api_route("/model_list", self.controlnet_model_list, methods=["GET"], response_model=m.ControlNetModelList)
+        r.add_api_route("/module_list", self.controlnet_module_list, methods=["GET"],
+                        response_model=m.ControlNetModuleList)
         return r
 
     def auth(self, credentials: HTTPBasicCredentials | None = Depends(HTTPBasic(auto_error=False))) -> None:
@@ -311,6 +359,8 @@ class Api:
                     mask = ImageOps.invert(mask.convert("L"))
                 kind = "inpaint"
         sampler, karras = self.sampler_of(body, warnings)
+        hires = hires_fields(body, warnings) if kind == "txt2img" else {}
+        controls, control_args = self.control_units(body, init, warnings)
         if body.width * body.height > MAX_INPUT_PIXELS:  # refused before it waits, let alone allocates
             raise refused(f"width {body.width} x height {body.height} is more than {MAX_INPUT_PIXELS:,} pixels; "
                           "ask for a smaller size")
@@ -318,7 +368,8 @@ class Api:
             before = self.studio.engine.spec.ckpt
             try:
                 clip_skip = self.apply_overrides(overrides, warnings)
-                return self._render_turn(kind, body, jobs, init, mask, sampler, karras, clip_skip, warnings)
+                return self._render_turn(kind, body, jobs, init, mask, sampler, karras, clip_skip, warnings,
+                                         dict(hires, controls=controls), control_args)
             finally:
                 if body.override_settings_restore_afterwards and before is not None and \
                         self.studio.engine.spec.ckpt != before:
@@ -336,11 +387,12 @@ class Api:
                 warnings.append(f"override_settings.{key} ignored: not a setting of this server")
         return clip_skip
 
-    def _render_turn(self, kind, body, jobs, init, mask, sampler, karras, clip_skip, warnings) -> dict:
+    def _render_turn(self, kind, body, jobs, init, mask, sampler, karras, clip_skip, warnings, extra: dict,
+                     control_args: list[str]) -> dict:
+        """Render in this turn: `extra` holds the Request's hires and ControlNet fields."""
         engine = self.studio.engine
         notes: list[str] = []
         seed = body.seed
-        extra = dict(clip_skip=clip_skip) if CLIP_SKIP else {}
         eta = 0.0
         if sampler == "ddim" and body.eta is not None:
             eta = body.eta
@@ -351,15 +403,15 @@ class Api:
             n_samples=body.batch_size, n_iter=body.n_iter, sampler=sampler, karras=karras, steps=body.steps,
             scale=body.cfg_scale, eta=eta, width=body.width, height=body.height,
             strength=body.denoising_strength if kind != "txt2img" else None, init_image=init, mask=mask,
-            memory=body.memory or self.studio.memory, unet_bs=body.unet_bs, **extra)
+            memory=body.memory or self.studio.memory, unet_bs=body.unet_bs, clip_skip=clip_skip, **extra)
         try:
-            r = engine.complete(request, labels=API_LABELS, notify=notes.append)
+            r = engine.complete(request, labels={**API_LABELS, **CONTROL_LABELS}, notify=notes.append)
             engine.plan(r)
             outdir = self.studio.outdirs["txt2img" if kind == "txt2img" else "img2img" if kind == "img2img" else "inpaint"]
             if body.save_images:
                 ensure_writable(outdir)
         except (RequestError, OutputError) as e:
-            raise refused(e) from None
+            raise refused(e, control_args=control_args) from None
         writer = RequestWriter(outdir, r, metadata(r, engine.spec, engine.checkpoint_hash))
         encoded: list[bytes] = []
         seeds: list[int] = []
@@ -415,11 +467,141 @@ class Api:
                     face_restoration_model=None, sd_model_name=spec.ckpt.stem if spec.ckpt else None,
                     sd_model_hash=self.studio.engine.checkpoint_hash, sd_vae_name=vae.stem if vae else None,
                     sd_vae_hash=None, seed_resize_from_w=-1, seed_resize_from_h=-1,
-                    denoising_strength=r.strength, extra_generation_params={}, index_of_first_image=first,
+                    denoising_strength=r.hr_denoise if wanted(r) else r.strength, extra_generation_params=extra_generation_params(r),
+                    index_of_first_image=first,
                     infotexts=infotexts, styles=list(body.styles or []),
                     job_timestamp=jobs.snapshot()[2]["job_timestamp"], clip_skip=clip_skip,
                     is_using_inpainting_conditioning=r.kind == "inpaint" and spec.inpainting_unet,
                     version="optimizedSD", warnings=warnings)
+
+    # ---- ControlNet (the sd-webui-controlnet extension's API) ------------------------------------
+    def controlnet_dirs(self) -> list[Path]:
+        """The ControlNet folders: webui.py's --controlnet_dir, then models/ControlNet (the webui's)."""
+        dirs = [Path(d) for d in getattr(self.studio, "controlnet_dirs", ())]
+        return list(dict.fromkeys(dirs + [b / "models" / "ControlNet" for b in bases()]))
+
+    def controlnets(self) -> dict[str, Path]:
+        """`name [hash]` (the extension's title: the webui's short hash) -> file or diffusers folder, of
+        the ControlNet folders; an entry whose link leads out of its folder is left out."""
+        from ..custom.controlnet_file import ControlNetError, model_hash, weights_path
+
+        out = {}
+        for path in controlnet_files(self.controlnet_dirs()):
+            if not is_inside(path, path.parent):
+                continue
+            try:
+                title = f"{path.stem if path.is_file() else path.name} [{model_hash(weights_path(path)[0])}]"
+            except (OSError, ControlNetError):
+                continue
+            out.setdefault(title, path)
+        return out
+
+    def find_controlnet(self, name, field: str) -> Path:
+        """The ControlNet `name` means: a title of `controlnets`, or its name alone (any case, as the
+        extension's `cn_models_names`); a 422 naming `field` otherwise."""
+        if not isinstance(name, str) or name.strip() in ("", "None"):
+            raise bad_field(field, f"{field}: no ControlNet model given; name one of GET /controlnet/model_list")
+        base = name.split(" [")[0].strip()
+        problem = name_problem(base)
+        found = {} if problem else self.controlnets()
+        hit = found.get(name.strip()) or next((p for t, p in found.items() if t.split(" [")[0].lower() == base.lower()),
+                                              None)
+        if hit is None:
+            why = f" (a name that {problem})" if problem else ""
+            raise bad_field(field, f"{field}: ControlNet model not found: {name!r}{why}; name one of the server's "
+                                   f"ControlNet folders ({', '.join(map(str, self.controlnet_dirs()))}), listed by GET "
+                                   "/controlnet/model_list")
+        return hit
+
+    def control_units(self, body, init, warnings: list[str]) -> tuple[tuple[ControlUnit, ...], list[str]]:
+        """(ControlUnits, where each sits in the request) of `alwayson_scripts`' controlnet units (the
+        extension's shape; a unit not `enabled` is skipped, as there); other scripts are ignored with a
+        warning. Every field is checked here or by the engine (`refused` names the unit's field)."""
+        units, where = [], []
+        for name, script in (body.alwayson_scripts or {}).items():
+            if str(name).lower() != "controlnet":
+                warnings.append(f"alwayson_scripts.{name} ignored: no such script here (only controlnet)")
+                continue
+            args = script.get("args") if isinstance(script, dict) else None
+            if not isinstance(args, list):
+                raise bad_field(f"alwayson_scripts.{name}.args", f"alwayson_scripts.{name} must be "
+                                '{"args": [unit, ...]}, each unit an object of the ControlNet extension\'s fields')
+            for i, arg in enumerate(args):
+                field = f"alwayson_scripts.{name}.args[{i}]"
+                if not isinstance(arg, dict):
+                    raise bad_field(field, f"{field} must be an object of the ControlNet extension's unit fields "
+                                           f"(enabled, image, module, model, weight, ...), got {type(arg).__name__}")
+                try:
+                    unit = m.ControlNetUnitRequest.model_validate(arg)
+                except ValidationError as e:
+                    raise RequestValidationError([{**err, "loc": ("body", "alwayson_scripts", name, "args", i,
+                                                                  *err["loc"])}
+                                                  for err in e.errors(include_url=False, include_context=False)]) from None
+                if unit.enabled:
+                    units.append(self.control_unit(unit, field, body, init, warnings))
+                    where.append(field)
+        return tuple(units), where
+
+    def control_unit(self, u: m.ControlNetUnitRequest, field: str, body, init, warnings: list[str]) -> ControlUnit:
+        """One enabled unit as the engine's ControlUnit: its image decoded (img2img without one: the init
+        image, as the extension), its model found in the ControlNet folders, its labels made ours."""
+        image = u.image
+        if isinstance(image, dict):
+            image, mask = image.get("image"), image.get("mask")
+        elif isinstance(image, list):
+            image, mask = (image + [None, None])[:2]
+        else:
+            mask = u.mask
+        if mask:
+            warnings.append(f"{field}.mask ignored: the whole control image is used")
+        if image in (None, "") and init is not None:
+            decoded = init
+        elif image in (None, ""):
+            raise bad_field(f"{field}.image", f"{field}.image: ControlNet is enabled but no control image is given; "
+                                              "send it base64")
+        else:
+            decoded = decode_image(image, f"{field}.image")
+        module = {label.lower(): name for name, label in PREPROCESSOR_LABELS.items()}.get(u.module.strip().lower(),
+                                                                                           u.module.strip().lower())
+        if module not in PREPROCESSORS:
+            raise bad_field(f"{field}.module", f"{field}.module {u.module!r} is not one of ours ("
+                                               f"{', '.join(PREPROCESSORS)}); preprocess the image yourself and send "
+                                               "the map with module none")
+        resize = choice(u.resize_mode, {label.lower(): ours for ours, label in RESIZE_MODES.items()}
+                        | CONTROL_RESIZE_ALIASES, CONTROL_RESIZE_NUMBERS, f"{field}.resize_mode", RESIZE_MODES.values())
+        mode = choice(u.control_mode, {label.lower(): ours for ours, label in CONTROL_MODES.items()},
+                      CONTROL_MODE_NUMBERS, f"{field}.control_mode", CONTROL_MODES.values())
+        thresholds = {}
+        if module == "canny":  # threshold_a/b, out of the slider's range (-1: unset) its default, as the extension
+            for key, name, (low, high, default, _) in (("threshold_a", "low", CANNY_SLIDERS[0]),
+                                                       ("threshold_b", "high", CANNY_SLIDERS[1])):
+                value = getattr(u, key)
+                thresholds[name] = value if low <= value <= high else default
+                if thresholds[name] != value and value != -1:
+                    warnings.append(f"{field}.{key} {value:g} is outside {low}-{high}: {default} used (the extension's)")
+        if u.processor_res not in (-1, min(body.width, body.height)):
+            warnings.append(f"{field}.processor_res {u.processor_res} ignored: the map is made at the render's size "
+                            f"({body.width}x{body.height})")
+        for key in ("advanced_weighting", "effective_region_mask", "ipadapter_input"):
+            if (u.model_extra or {}).get(key) is not None:
+                warnings.append(f"{field}.{key} ignored: not supported here")
+        return ControlUnit(str(self.find_controlnet(u.model, f"{field}.model")), decoded, weight=u.weight,
+                           start=u.guidance_start, end=u.guidance_end, mode=mode, preprocessor=module, resize=resize,
+                           image_name=None, **thresholds)
+
+    def controlnet_version(self) -> dict:
+        return {"version": 3}  # the extension's API version whose unit fields these are
+
+    def controlnet_model_list(self, update: bool = True) -> dict:
+        return {"model_list": list(self.controlnets())}
+
+    def controlnet_module_list(self, alias_names: bool = False) -> dict:
+        names = [PREPROCESSOR_LABELS[p] if alias_names else p for p in PREPROCESSORS]
+        sliders = {"canny": [dict(name=label, value=default, min=low, max=high, step=1)
+                             for low, high, default, label in CANNY_SLIDERS]}
+        return {"module_list": names, "module_detail": {
+            PREPROCESSOR_LABELS[p] if alias_names else p: dict(model_free=True, sliders=sliders.get(p, []))
+            for p in PREPROCESSORS}}
 
     def sampler_of(self, body, warnings: list[str]) -> tuple[str, bool]:
         """(our sampler, karras) of `sampler_name` (else `sampler_index`) and `scheduler`."""
@@ -574,15 +756,54 @@ class Api:
 
 
 def check_clip_skip(value, field: str) -> int:
+    """A clip skip from the options: a whole number (its upper bound is the model's, `request.check`)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        err = HTTPException(422, f"{field} must be a whole number, 1 or more, got {value!r}")
-        err.field = field
-        raise err
-    if value != 1 and not CLIP_SKIP:
-        err = HTTPException(422, f"{field} {value}: clip skip is not supported by this server yet; use 1")
-        err.field = field
-        raise err
+        raise bad_field(field, f"{field} must be a whole number, 1 or more, got {value!r}")
     return value
+
+
+def choice(value, labels: dict, numbers: dict, field: str, shown) -> str:
+    """Ours for a label (any case) or its number, as the ControlNet extension takes them; a 422 otherwise."""
+    ours = numbers.get(value) if isinstance(value, int) and not isinstance(value, bool) else \
+        labels.get(str(value).strip().lower())
+    if ours is None:
+        by_number = ", ".join(str(n) for n in sorted(numbers) if n < 3)
+        raise bad_field(field, f"unknown {field} {value!r}; choose one of {', '.join(shown)} (or {by_number})")
+    return ours
+
+
+def hires_fields(body, warnings: list[str]) -> dict:
+    """The Request's hires fields of the webui's txt2img `enable_hr` fields (none when it is off, as the
+    webui ignores them then): `hr_scale` (unless `hr_resize_x`/`hr_resize_y` is given, which wins there
+    too), `hr_upscaler` by the webui's label (default Latent, its `latent_upscale_default_mode`),
+    `hr_second_pass_steps`, `hr_resize_x/y`, and `denoising_strength` as the second pass's strength."""
+    if not body.enable_hr:
+        return {}
+    labels = {label.lower(): ours for ours, (_, label) in UPSCALERS.items()} | {ours: ours for ours in UPSCALERS}
+    name = body.hr_upscaler if body.hr_upscaler is not None else "Latent"
+    upscaler = labels.get(str(name).strip().lower())
+    if upscaler is None:
+        raise bad_field("hr_upscaler", f"unknown hr_upscaler {name!r}; choose one of "
+                                       f"{', '.join(label for _, label in UPSCALERS.values())}")
+    if body.firstphase_width or body.firstphase_height:
+        warnings.append("firstphase_width/firstphase_height ignored: the first pass renders at width x height")
+    for key, same in (("hr_checkpoint_name", None), ("hr_sampler_name", body.sampler_name),
+                      ("hr_scheduler", body.scheduler), ("hr_prompt", body.prompt),
+                      ("hr_negative_prompt", body.negative_prompt)):
+        value = getattr(body, key)
+        if value not in (None, "", same):
+            warnings.append(f"{key} ignored: the second pass uses the first pass's "
+                            f"{key[3:].replace('_name', '').replace('_', ' ')}")
+    resize = bool(body.hr_resize_x or body.hr_resize_y)
+    return dict(hr_scale=None if resize else body.hr_scale, hr_upscaler=upscaler, hr_steps=body.hr_second_pass_steps,
+                hr_denoise=HIRES_DENOISE if body.denoising_strength is None else body.denoising_strength,
+                hr_resize_x=body.hr_resize_x, hr_resize_y=body.hr_resize_y)
+
+
+def extra_generation_params(r: Request) -> dict:
+    """The webui's `extra_generation_params` of a render: its hires and ControlNet infotext keys."""
+    hires = {k: v for k, v in hires_metadata(r).items() if k not in ("strength", "size")}
+    return {**hires, **(control_metadata(r) if r.controls else {})}
 
 
 def decode_image(text: str, field: str) -> Image.Image:
@@ -626,18 +847,13 @@ def unsupported(kind: str, body) -> list[str]:
         ignored("seed_resize_from_w/h", "no seed resize here")
     if body.script_name:
         ignored("script_name", "no scripts here")
-    if body.alwayson_scripts:
-        ignored("alwayson_scripts", f"no scripts here ({', '.join(map(str, body.alwayson_scripts))})")
     if body.refiner_checkpoint:
         ignored("refiner_checkpoint", "no refiner here")
     for name, neutral in (("s_churn", 0), ("s_tmin", 0), ("s_tmax", 0), ("s_noise", 1), ("s_min_uncond", 0)):
         value = getattr(body, name)
         if value is not None and value != neutral and not (name == "s_tmax" and value in (float("inf"),)):
             ignored(name, "the samplers run with their defaults")
-    if kind == "txt2img":
-        if body.enable_hr:
-            ignored("enable_hr", "no hires fix here; the image is rendered at width x height")
-    else:
+    if kind != "txt2img":
         if body.resize_mode:
             ignored("resize_mode", "the init image is resized to width x height (Lanczos), the webui's 'Just resize'")
         if body.initial_noise_multiplier not in (None, 1, 1.0):

@@ -9,7 +9,7 @@ by the engine's `request.check`, whose words name the fields with `API_LABELS`.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Annotated, Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,8 +18,15 @@ from ..engine.request import CLI_LABELS
 # Request field -> the API's name for it, for the engine's one-line errors (cf. request.CLI_LABELS); a field
 # the API has no name for keeps the Request's.
 _NAMES = {"n_samples": "batch_size", "sampler": "sampler_name", "karras": "scheduler", "scale": "cfg_scale",
-          "strength": "denoising_strength", "init_image": "init_images", "clip_skip": "CLIP_stop_at_last_layers"}
+          "strength": "denoising_strength", "init_image": "init_images", "clip_skip": "CLIP_stop_at_last_layers",
+          "hr_steps": "hr_second_pass_steps", "hr_denoise": "denoising_strength"}
 API_LABELS = {field: _NAMES.get(field, field) for field in CLI_LABELS}
+# A ControlNet unit's fields as the extension's API names them (`engine.control.CLI_LABELS`' keys); kept apart
+# from API_LABELS, whose labels are looked for in every message (`api.field_of`): "image", "model" are common words.
+CONTROL_LABELS = {"control_model": "model", "control_image": "image", "control_weight": "weight",
+                  "control_start": "guidance_start", "control_end": "guidance_end", "control_mode": "control_mode",
+                  "control_preprocessor": "module", "control_low": "threshold_a", "control_high": "threshold_b",
+                  "control_resize": "resize_mode"}
 
 
 class _Processing(BaseModel):
@@ -107,6 +114,44 @@ class Img2ImgRequest(_Processing):
     latent_mask: Optional[str] = None
     denoising_strength: Optional[float] = 0.75
     include_init_images: bool = Field(default=False, exclude=True)
+
+
+class ControlNetUnitRequest(BaseModel):
+    """One of `alwayson_scripts.controlnet.args`: the sd-webui-controlnet extension's `ControlNetUnit`
+    (internal_controlnet/args.py), its field names, defaults and ranges. `enabled` defaults to false there
+    too: a unit without `enabled: true` is skipped. Fields this server has no use for are accepted."""
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    enabled: bool = False
+    image: Optional[Union[str, dict, list]] = Field(default=None, description="base64 control image (a data: URL "
+                                                    "too), or {\"image\": ..., \"mask\": ...}; img2img without one: "
+                                                    "the init image")
+    mask: Optional[str] = None
+    module: str = Field(default="none", description="preprocessor: none, canny or invert")
+    model: str = Field(default="None", description="a ControlNet of the server's ControlNet folders, with or "
+                       "without its ' [hash]' (GET /controlnet/model_list)")
+    weight: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
+    resize_mode: Union[int, str] = Field(default="Crop and Resize", description="Just Resize, Crop and Resize, "
+                                         "Resize and Fill, or 0, 1, 2")
+    low_vram: bool = False
+    processor_res: int = -1
+    threshold_a: float = Field(default=-1, description="canny's low threshold (out of 1-255, as -1: 100)")
+    threshold_b: float = Field(default=-1, description="canny's high threshold (out of 1-255, as -1: 200)")
+    guidance_start: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    guidance_end: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    pixel_perfect: bool = False
+    control_mode: Union[int, str] = Field(default="Balanced", description="Balanced, My prompt is more important, "
+                                          "ControlNet is more important, or 0, 1, 2")
+
+
+class ControlNetModelList(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    model_list: list[str]
+
+
+class ControlNetModuleList(BaseModel):
+    module_list: list[str]
+    module_detail: dict[str, dict]
 
 
 class ImagesResponse(BaseModel):
