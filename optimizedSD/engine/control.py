@@ -35,6 +35,14 @@ from ..model.unet import Carry
 CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important",
                  "control": "ControlNet is more important"}  # ours -> the webui's label
 SOFT_DECAY = 0.825  # the webui's per-depth factor of "My prompt / ControlNet is more important"
+# How each front names a unit's fields in its one-line messages (`complete_controls`).
+CLI_LABELS = {f"control_{k}": f"--control_{k}" for k in ("image", "weight", "start", "end", "mode", "preprocessor",
+                                                          "low", "high", "resize")}
+CLI_LABELS["control_model"] = "--controlnet"
+UI_LABELS = {"control_model": "Model", "control_image": "an Image in the ControlNet panel",
+             "control_weight": "Control Weight", "control_start": "Starting Control Step",
+             "control_end": "Ending Control Step", "control_mode": "Control Mode", "control_preprocessor": "Preprocessor",
+             "control_low": "Low Threshold", "control_high": "High Threshold", "control_resize": "Resize Mode"}
 
 
 class ControlError(ValueError):
@@ -214,7 +222,8 @@ def controlnet_files(dirs=()) -> list[Path]:
 
 def complete_controls(r, cfg, labels: dict, read: bool = True):
     """`r` with each ControlUnit checked, its model found and (`read`) checked to be a ControlNet for
-    this model, its image opened (RGB); a ControlError with one line for the first thing wrong."""
+    this model, its image opened (RGB); a ControlError with one line for the first thing wrong, the
+    fields named by `labels` (`CLI_LABELS` for the ones it lacks; the browser UI passes `UI_LABELS`)."""
     from dataclasses import replace as _replace
 
     from PIL import Image
@@ -223,30 +232,35 @@ def complete_controls(r, cfg, labels: dict, read: bool = True):
     from .control_images import PREPROCESSORS, RESIZE_MODES
     from .inputs import InputError, open_image, to_rgb
 
+    def L(name):
+        return labels.get(f"control_{name}", CLI_LABELS[f"control_{name}"])
+
     units = []
     for i, u in enumerate(r.controls):
         which = f"ControlNet {i}" if len(r.controls) > 1 else "ControlNet"
+        if not str(u.model or "").strip():
+            raise ControlError(f"{which} has no model; give {L('model')}")
         for name in ("weight", "start", "end"):
             v = getattr(u, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf"):
-                raise ControlError(f"{which}: --control_{name} must be a finite number, got {v!r}")
+                raise ControlError(f"{which}: {L(name)} must be a finite number, got {v!r}")
         if not 0 <= u.start < u.end <= 1:
-            raise ControlError(f"{which}: --control_start {u.start} and --control_end {u.end} must satisfy "
+            raise ControlError(f"{which}: {L('start')} {u.start} and {L('end')} {u.end} must satisfy "
                                "0 <= start < end <= 1 (fractions of the steps where the net acts)")
         if u.mode not in CONTROL_MODES:
-            raise ControlError(f"{which}: unknown --control_mode {u.mode!r}; choose one of {', '.join(CONTROL_MODES)}")
+            raise ControlError(f"{which}: unknown {L('mode')} {u.mode!r}; choose one of {', '.join(CONTROL_MODES)}")
         if u.preprocessor not in PREPROCESSORS:
-            raise ControlError(f"{which}: unknown --control_preprocessor {u.preprocessor!r}; choose one of "
+            raise ControlError(f"{which}: unknown {L('preprocessor')} {u.preprocessor!r}; choose one of "
                                f"{', '.join(PREPROCESSORS)}")
         if u.resize not in RESIZE_MODES:
-            raise ControlError(f"{which}: unknown --control_resize {u.resize!r}; choose one of "
+            raise ControlError(f"{which}: unknown {L('resize')} {u.resize!r}; choose one of "
                                f"{', '.join(RESIZE_MODES)}")
         for name in ("low", "high"):
             v = getattr(u, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 255:
-                raise ControlError(f"{which}: --control_{name} must be a number from 0 to 255, got {v!r}")
+                raise ControlError(f"{which}: {L(name)} must be a number from 0 to 255, got {v!r}")
         if u.image is None:
-            raise ControlError(f"{which} needs a control image; give --control_image")
+            raise ControlError(f"{which} needs a control image; give {L('image')}")
         if getattr(r, "hr_scale", None) or getattr(r, "hr_resize_x", 0) or getattr(r, "hr_resize_y", 0):
             raise ControlError("ControlNet with the hires fix is not supported yet; leave out --hr_scale / --hr_resize")
         name = u.image_name or (Path(u.image).name if isinstance(u.image, (str, Path)) else None)
