@@ -43,6 +43,9 @@ def build_parser() -> Parser:
     modes.add_argument("--vram", type=str, default=None, metavar="SIZE",
                        help="default Memory mode: a device-memory budget such as 2G or 1536M")
     add_custom_flags(a, lora_files=False)
+    a("--controlnet_dir", "--controlnet-dir", dest="controlnet_dir", action="append", default=[], metavar="DIR",
+      help="a folder of ControlNet files for the ControlNet panel's Model list (repeatable; models/ControlNet is "
+           "always looked in; --controlnet-dir is the webui extension's spelling)")
     a("--taesd", type=str, default=None, metavar="PATH",
       help="live previews with this TAESD decoder (taesd_decoder.safetensors/.pth); default: a latent approximation")
     a("--outdir", type=str, default=None,
@@ -99,6 +102,9 @@ def serve(args) -> None:
     outdirs = {kind: args.outdir or KINDS[kind][2] for kind in KINDS}
     for outdir in set(outdirs.values()):
         check_outdir(outdir)
+    for folder in args.controlnet_dir:
+        if not Path(folder).is_dir():
+            raise UsageError(f"ControlNet folder not found: {folder}; pass an existing folder with --controlnet_dir")
     ckpt = args.ckpt or (None if args.demo else first_checkpoint(ckpt_dir_of(args.ckpt_dir)))
     spec = resolve_model(ckpt, args.config, demo=args.demo, device=args.device, **custom_args(args))
     if spec.planning:
@@ -106,7 +112,7 @@ def serve(args) -> None:
     engine = Engine(spec, notify=lambda message: print(message, file=sys.stderr, flush=True), taesd=args.taesd)
     print(f"loading {spec.ckpt} on {spec.device} ...", flush=True)
     engine.load()
-    studio = Studio(engine, outdirs, memory_mode(args))
+    studio = Studio(engine, outdirs, memory_mode(args), controlnet_dirs=args.controlnet_dir)
     if api_settings is not None:  # one server: the API (and the UI), one engine, one queue
         return serve_api(args, studio, None if args.nowebui else build(studio), api_settings, gradio_auth=auth,
                          model_args=dict(config=args.config, device=args.device, **custom_args(args)))

@@ -22,6 +22,7 @@ from ..engine.engine import Cancelled, Engine, RunStats, memory_line
 from ..outputs.images import OutputError, ensure_writable
 from ..outputs.infotext import WEBUI_SAMPLERS, parse, read_parameters, request_fields
 from ..outputs.writer import RequestWriter, metadata
+from . import ui_controlnet
 from .jobs import Jobs
 from ..engine.request import MEMORY_MODES, UI_LABELS as L, WATERMARK, Request, RequestError, with_defaults
 from ..sampling.samplers import SAMPLERS
@@ -69,6 +70,7 @@ class Controls:
     hires: dict = field(default_factory=dict)  # txt2img's Hires. fix: Request field -> widget ("enable": on/off)
     preview_every: gr.Number = None  # live previews every N sampling steps (0: none)
     preview: gr.Image = None  # the image forming
+    controlnet: list = field(default_factory=list)  # ui_controlnet.Unit per ControlNet unit
 
     def fillable(self) -> list[tuple[str, gr.components.Component]]:
         """(field, widget) of each `FILLED` field this tab has."""
@@ -78,8 +80,9 @@ class Controls:
 class Studio:
     """The server's engine and what its pages ask of it: requests from widgets, renders, files."""
 
-    def __init__(self, engine: Engine, outdirs: dict[str, str], memory: str = "default"):
+    def __init__(self, engine: Engine, outdirs: dict[str, str], memory: str = "default", controlnet_dirs=()):
         self.engine, self.outdirs, self.memory = engine, outdirs, memory
+        self.controlnet_dirs = tuple(controlnet_dirs)  # the ControlNet panel's model folders (webui.py --controlnet_dir)
         self.jobs = Jobs()  # one render at a time on the engine: UI clicks and API requests (fronts/api.py) alike
         self._cancel: dict[str, threading.Event] = {}  # page (gradio session) -> its Interrupt
         self._previews: dict[str, Image.Image] = {}  # page -> the latest live preview not shown yet
@@ -99,6 +102,7 @@ class Studio:
                        scale=v[c.scale], width=image_size(c, v[c.width]), height=image_size(c, v[c.height]),
                        strength=v[c.strength] if c.strength is not None else None, init_image=image, mask=mask,
                        memory=(v[c.memory] or "").strip(), **text_options(c, v), **hires_options(c, v),
+                       controls=ui_controlnet.controls(c.controlnet, v),
                        watermark=((v[c.watermark] or "").strip() or None) if c.watermark is not None else None)
 
     # ---- the render --------------------------------------------------------------------------
@@ -112,7 +116,7 @@ class Studio:
         notes: list[str] = []
         cancel = self._cancel.setdefault(session, threading.Event())
         try:
-            r = self.engine.complete(self.request(c, v), labels=L, notify=notes.append)
+            r = self.engine.complete(self.request(c, v), labels=ui_controlnet.LABELS, notify=notes.append)
             self.engine.plan(r)  # a budget too small for the size is refused before anything is made
             outdir = ensure_writable(self.outdirs[c.kind])
         except (RequestError, OutputError) as e:
@@ -212,7 +216,7 @@ def widgets(c: Controls) -> list:
 
 
 def controls(kind: str, defaults: Request, memory: str, loras: list[str] = (), embeddings: list[str] = (),
-             lora_where: str = "") -> Controls:
+             lora_where: str = "", controlnet_dirs=()) -> Controls:
     """A tab's labelled widgets, at the model's defaults (`request.with_defaults`)."""
     size_info = None if kind == "txt2img" else "0: the image's, rounded down to a multiple of 8"
     prompt = gr.Textbox(label=L["prompt"], lines=2, placeholder="what to draw")
@@ -265,6 +269,7 @@ def controls(kind: str, defaults: Request, memory: str, loras: list[str] = (), e
                                 info="0: none; a latent approximation, or TAESD when the server has --taesd")
     if kind == "txt2img":
         c.hires = hires_section()
+    c.controlnet = ui_controlnet.panel(kind, controlnet_dirs)
     c.watermark = gr.Textbox(label=L["watermark"], value="", placeholder=WATERMARK, max_lines=1,
                              info=f"invisible watermark (the reference script's: {WATERMARK}); empty: none")
     return c
@@ -337,7 +342,7 @@ def build(studio: Studio) -> gr.Blocks:
                     with gr.Column():
                         c = controls(kind, with_defaults(Request("", kind=kind), spec.demo), studio.memory,
                                      lora_names(spec.custom.lora_dirs), [e.name for e in spec.custom.embeddings],
-                                     " or ".join(str(d) for d in spec.custom.lora_dirs[:2]))
+                                     " or ".join(str(d) for d in spec.custom.lora_dirs[:2]), studio.controlnet_dirs)
                     with gr.Column():
                         results(c)
                     tabs[kind] = c
@@ -382,7 +387,8 @@ def wire(studio: Studio, c: Controls, tabs: dict[str, Controls], tab_set: gr.Tab
     """Generate, Interrupt, picking a result, and sending it to the image tabs."""
     inputs = {x for x in (c.prompt, c.negative_prompt, c.sampler, c.karras, c.steps, c.scale, c.width, c.height,
                           c.seed, c.n_iter, c.n_samples, c.memory, c.strength, c.image, c.mask, c.clip_skip,
-                          c.pad_conds, c.prompt_syntax, c.watermark, c.preview_every, *c.hires.values())
+                          c.pad_conds, c.prompt_syntax, c.watermark, c.preview_every, *c.hires.values(),
+                          *(w for u in c.controlnet for w in u.inputs()))
               if x is not None}
 
     def run(values: dict, request: gr.Request, progress=gr.Progress()):
@@ -404,6 +410,7 @@ def wire(studio: Studio, c: Controls, tabs: dict[str, Controls], tab_set: gr.Tab
 
     timer = gr.Timer(1.0)  # the live preview: the newest image of this page's render, once a second
     timer.tick(preview, None, c.preview, queue=False, api_visibility="private", show_progress="hidden")
+    ui_controlnet.wire(c.controlnet, c.width, c.height)
     c.interrupt.click(interrupt, None, None, queue=False,
                       **(dict(api_name="interrupt") if c.kind == "txt2img" else dict(api_visibility="private")))
     c.lora.input(lambda prompt, name: (with_tag(prompt, f"<lora:{name}:1>") if name else prompt, None),
