@@ -44,8 +44,8 @@ def build_parser() -> Parser:
                        help="default Memory mode: a device-memory budget such as 2G or 1536M")
     add_custom_flags(a, lora_files=False)
     a("--controlnet_dir", "--controlnet-dir", dest="controlnet_dir", action="append", default=[], metavar="DIR",
-      help="a folder of ControlNet files for the ControlNet panel's Model list (repeatable; models/ControlNet is "
-           "always looked in; --controlnet-dir is the webui extension's spelling)")
+      help="a folder of ControlNet files: the ControlNet panel's Model list and the API's models (repeatable; "
+           "models/ControlNet is always looked in; --controlnet-dir is the webui extension's spelling)")
     a("--taesd", type=str, default=None, metavar="PATH",
       help="live previews with this TAESD decoder (taesd_decoder.safetensors/.pth); default: a latent approximation")
     a("--outdir", type=str, default=None,

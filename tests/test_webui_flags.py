@@ -46,3 +46,18 @@ def test_an_outdir_that_is_a_file_is_refused(capsys, tmp_path):
     (tmp_path / "file").write_text("x")
     code, err = run(capsys, "--demo", "--device", "cpu", "--outdir", tmp_path / "file" / "out")
     assert code == 2 and err.endswith("is a file; choose another --outdir")
+
+
+def test_a_controlnet_dir_that_is_missing_is_refused(capsys, monkeypatch, tmp_path):
+    from optimizedSD.engine.engine import Engine
+
+    monkeypatch.setattr(Engine, "load", lambda self: pytest.fail("the checkpoint was read"))
+    assert run(capsys, "--demo", "--device", "cpu", "--outdir", tmp_path, "--controlnet_dir", tmp_path / "nope") == (
+        2, f"error: ControlNet folder not found: {tmp_path / 'nope'}; pass an existing folder with --controlnet_dir")
+
+
+def test_controlnet_dir_takes_both_spellings_repeatably():
+    """Ours and the webui ControlNet extension's `--controlnet-dir`, into one list, in order."""
+    args = webui.build_parser().parse_args(["--controlnet_dir", "a", "--controlnet-dir", "b"])
+    assert args.controlnet_dir == ["a", "b"]
+    assert webui.build_parser().parse_args([]).controlnet_dir == []
