@@ -10,6 +10,7 @@ meta, is timed before the first row: `planner setup`).
     python optimizedSD/bench.py --load sd-v1-4-fp32.safetensors   # host RAM of loading fp16 fragments
     python optimizedSD/bench.py --vs-diffusers full-fp32.safetensors --runs 3   # CPU, whole process vs diffusers
     python optimizedSD/bench.py --lora film_grain.safetensors     # time and host RAM of a LoRA patch
+    python optimizedSD/bench.py --device meta --explain-peak --configs lowvram [--fp8]   # what sets each peak
 
 On `meta` no checkpoint is read and the figures are the planner's; on CPU nothing moves between
 devices, so only the timings mean something.
@@ -56,7 +57,13 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt", default=None)
     p.add_argument("--config", default=None)
     p.add_argument("--precision", default="autocast", choices=list(PRECISIONS))
+    p.add_argument("--fp8", nargs="?", const="unet", default=None, metavar="unet|all",
+                   help="the UNet's (all: and the text encoder's) Linear/Conv2d weights stored in fp8, as the commands' --fp8")
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of a table")
+    p.add_argument("--explain-peak", action="store_true",
+                   help="instead: (--device meta) for each of --configs and --sizes, the largest tensors live on the "
+                        "device at each phase's planned peak (--n_samples images; --rows of them per phase)")
+    p.add_argument("--rows", type=int, default=8, help="--explain-peak: entries per phase (default 8)")
     p.add_argument("--load", metavar="CKPT", default=None,
                    help="instead: load CKPT into fp16 fragments and report this process's host RAM peak "
                         "against the torch baseline and the fp16 weights (run it in a fresh process)")
@@ -101,6 +108,8 @@ def main(argv=None) -> int:
         return bench_load(args.load, args.config, args.json)
     if args.lora:
         return bench_lora(args.lora, args.config, args.json)
+    if args.explain_peak:
+        return explain_peaks(args)
     steps = args.steps or (2 if args.device == "meta" else 20)
     rows = []
     setup = plan_setup_seconds(args.config, args.precision)
@@ -111,7 +120,7 @@ def main(argv=None) -> int:
                 argv = ["--prompt", "a photograph of an astronaut riding a horse", "--H", str(size), "--W", str(size),
                         "--n_samples", str(args.n_samples), "--ddim_steps", str(steps), "--sampler", "ddim",
                         "--seed", "0", "--skip_save", "--skip_grid", "--outdir", out, "--precision", args.precision,
-                        *config_flags(name)]
+                        *config_flags(name), *(["--fp8", args.fp8] if args.fp8 else [])]
                 for flag in ("device", "ckpt", "config"):
                     if getattr(args, flag):
                         argv += [f"--{flag}", getattr(args, flag)]
@@ -156,11 +165,56 @@ def plan_seconds(run) -> float:
     from optimizedSD.engine.spec import resolve_model
 
     check_flags(run)
-    spec = resolve_model(None, run.config, demo=run.demo, device="meta", precision=run.precision)
+    spec = resolve_model(None, run.config, demo=run.demo, device="meta", precision=run.precision, fp8=run.fp8)
     request = requests_of(run, spec, lambda *a: None)[0]
     start = time.perf_counter()
     list(Engine(spec).render(request))
     return time.perf_counter() - start
+
+
+def explain_peaks(args) -> int:
+    """`--explain-peak`: each configuration's plan (`choose_plan`, as a run makes it) at each size, then
+    what is live on the device at each phase's planned peak (`planner.explain_peak`: the same run on
+    meta with nothing replayed, every storage named), as a Markdown table per configuration."""
+    import torch
+
+    from optimizedSD.engine.planner import GiB, choose_plan, explain_peak, parse_size
+    from optimizedSD.engine.pipeline import weight_dtype
+    from optimizedSD.engine.spec import check_fp8
+    from optimizedSD.model.config import SDConfig
+
+    check_fp8(args.fp8)
+    cfg = SDConfig.from_yaml(args.config) if args.config else SDConfig()
+    dtype = weight_dtype(torch.device("meta"), args.precision)
+    rows = []
+    for size in args.sizes:
+        for name in args.configs:
+            config_flags(name)  # a bad name: one line
+            vram = parse_size(name[len("vram="):]) if name.startswith("vram=") else None
+            plan = choose_plan(cfg, dtype, turbo=name == "turbo", lowvram=name == "lowvram", vram=vram, unet_bs=1,
+                               height=size, width=size, n_samples=args.n_samples, guided=True,
+                               precision=args.precision, fp8=args.fp8)
+            batch = plan.batch or args.n_samples
+            phases = explain_peak(cfg, dtype, plan, size, size, batch, precision=args.precision, fp8=args.fp8)
+            top = max(phases, key=lambda ph: phases[ph][0])
+            rows.append(dict(config=name, size=size, images=batch, fp8=args.fp8, peak_phase=top,
+                             peaks={ph: peak for ph, (peak, _) in phases.items()},
+                             live={ph: [dict(bytes=b, count=n, what=w) for b, n, w in live[:args.rows]]
+                                   for ph, (_, live) in phases.items()}))
+            if args.json:
+                continue
+            figures = ", ".join(f"{ph} {peak / GiB:.3f}" for ph, (peak, _) in phases.items())
+            print(f"\n{name}, {size}², {batch} image(s) at once, {args.precision}{', fp8 ' + args.fp8 if args.fp8 else ''}: "
+                  f"planned peak {phases[top][0] / GiB:.3f} GiB in {top} ({figures} GiB)\n")
+            print("| phase | MiB | tensors | what (weights of a unit, or: module, op, shape, dtype) |\n|---|---|---|---|")
+            for ph, (peak, live) in phases.items():
+                for b, n, w in live[:args.rows]:
+                    print(f"| {ph}{' (peak)' if ph == top else ''} | {b / 2**20:.1f} | {n} | {w} |")
+                rest = sum(b for b, _, _ in live[args.rows:])
+                print(f"| {ph} | {rest / 2**20:.1f} | {sum(n for _, n, _ in live[args.rows:])} | the rest |")
+    if args.json:
+        print(json.dumps(rows))
+    return 0
 
 
 def bench_load(ckpt: str, config: str | None, as_json: bool) -> int:

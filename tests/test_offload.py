@@ -27,8 +27,8 @@ def _run(mode):
         assert next(fragments[VAE].encoder.parameters()).device.type == "cpu"
         return {n for n, m in probes.items() if next(m.parameters()).device.type == "meta"}
 
-    # The UNet halves run block by block (their `steps`), not through forward: watch each half's first block.
-    watched = {**fragments, UNET_IN: fragments[UNET_IN].time_embed, UNET_OUT: fragments[UNET_OUT].output_blocks[0]}
+    # The UNet halves run layer by layer (their `steps`), not through forward: watch each half's first layer.
+    watched = {**fragments, UNET_IN: fragments[UNET_IN].time_embed, UNET_OUT: fragments[UNET_OUT].output_blocks[0][0]}
     for name, module in watched.items():
         module.register_forward_pre_hook(lambda mod, args, name=name: seen.append((name, on_device())))
     # The VAE is called through .decode, not forward: watch its decoder instead.

@@ -13,6 +13,7 @@ All expose `phase_start()` and `phase_peak()`, so `Offloader.phase` measures eve
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -68,8 +69,14 @@ class MetaMeter(TorchDispatchMode):
 
     _OUTPUTS: dict = {}  # op signature -> `_Outputs` to remake, or None (always run the op)
 
-    def __init__(self):
+    def __init__(self, explain: bool = False):
         super().__init__()
+        # explain: label every storage (`label`, else the op and module that made it) and keep the
+        # live set at each phase's peak (`at_peak`); modules are run, never replayed (slower)
+        self.explain = explain
+        self._labels: dict[int, str] = {}  # storage id -> what it is (explain)
+        self._at_phase_peak: list[tuple[int, str]] = []  # (bytes, label) live at the phase's peak (explain)
+        self.modules: list[str] = []  # explain: the module names being run, outermost first (`explaining`)
         self.live = 0  # bytes of live meta storages
         self.peak = 0  # since the meter started
         self._phase_peak = 0  # since the last phase_start()
@@ -87,6 +94,8 @@ class MetaMeter(TorchDispatchMode):
     def reach(self, nbytes: int) -> None:
         """Live bytes reached `nbytes` for a moment (a replayed call's peak)."""
         self.peak = max(self.peak, nbytes)
+        if self.explain and nbytes > self._phase_peak:
+            self._at_phase_peak = [(n, self._labels.get(k, "?")) for k, n in self._storages.items()]
         self._phase_peak = max(self._phase_peak, nbytes)
         for r in self._recordings:
             r.peak = max(r.peak, nbytes)
@@ -103,16 +112,20 @@ class MetaMeter(TorchDispatchMode):
                 self._OUTPUTS[key] = _Outputs.record(out, (args, kwargs))
         for t in (out,) if isinstance(out, torch.Tensor) else _leaves(out):
             if isinstance(t, torch.Tensor) and t.is_meta:
-                self._track(t.untyped_storage())
+                self._track(t.untyped_storage(), func, t)
         return out
 
-    def _track(self, storage) -> None:
+    def _track(self, storage, func=None, t=None) -> None:
         # One StorageImpl per allocation, shared by views and by Parameters wrapping a tensor; its
         # Python object lives exactly as long as it does, so it tells when the memory is freed.
         key = storage._cdata
         if key in self._storages:
             return
         self._storages[key] = cuda_block_bytes(storage.nbytes())
+        if self.explain:
+            where = self.modules[-1] if self.modules else ""
+            op = getattr(func, "__name__", str(func)).split(".")[0]
+            self._labels[key] = f"{where} {op} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}".strip()
         self.live += self._storages[key]
         self.reach(self.live)
         for r in self._recordings:
@@ -121,6 +134,7 @@ class MetaMeter(TorchDispatchMode):
 
     def _release(self, key: int) -> None:
         self.live -= self._storages.pop(key)
+        self._labels.pop(key, None)
         for r in self._recordings:
             if key in r.alive:
                 r.alive.discard(key)
@@ -129,9 +143,20 @@ class MetaMeter(TorchDispatchMode):
 
     def phase_start(self) -> None:
         self._phase_peak = self.live
+        if self.explain:
+            self._at_phase_peak = [(n, self._labels.get(k, "?")) for k, n in self._storages.items()]
 
     def phase_peak(self) -> int:
         return self._phase_peak
+
+    def at_peak(self) -> list[tuple[int, str]]:
+        """explain: (bytes, label) of every storage live at the current phase's peak, largest first."""
+        return sorted(self._at_phase_peak, key=lambda x: -x[0])
+
+    def label(self, tensor: torch.Tensor, text: str) -> None:
+        """explain: name what `tensor`'s storage is (e.g. the weight of a unit moved to the device)."""
+        if self.explain and tensor.is_meta:
+            self._labels[tensor.untyped_storage()._cdata] = text
 
 
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
@@ -244,7 +269,7 @@ class _Recording:
 class _Replayed:
     """A module's forward whose memory trace is recorded once per call signature under a MetaMeter:
     the module, every argument (tensors by shape, strides and dtype, all on meta), the attention
-    policy and the torch-function modes active (e.g. `UpcastMode`). A later call with that signature
+    policy, the VAE's row banding and the torch-function modes active (e.g. `UpcastMode`). A later call with that signature
     raises the meter's peak to start + the recorded rise and returns fresh outputs of the recorded
     shapes, without running an op (never while autograd records). A trace is kept only when the call
     was pure on the device: it
@@ -265,14 +290,15 @@ class _Replayed:
 
     def __call__(self, *args, **kwargs):
         meter = _ACTIVE[-1] if _ACTIVE else None
-        key = None if meter is None or self._graph(args, kwargs) else _key((args, kwargs))
+        key = None if meter is None or meter.explain or self._graph(args, kwargs) else _key((args, kwargs))
         if key is None:
             return self.forward(*args, **kwargs)
         from torch.overrides import _get_current_function_mode_stack
 
         from ..model.attention import get_policy
+        from ..model.vae import get_banding
 
-        key = (self.module, key, get_policy(), tuple(type(m) for m in _get_current_function_mode_stack()))
+        key = (self.module, key, get_policy(), get_banding(), tuple(type(m) for m in _get_current_function_mode_stack()))
         trace = self._TRACES.get(key)
         if trace is not None:
             rise, outputs = trace
@@ -291,6 +317,36 @@ class _Replayed:
             pure = outputs is not None and not record.foreign and record.alive == made
             self._TRACES[key] = (record.peak - record.start, outputs) if pure else None
         return out
+
+
+def label(tensor: torch.Tensor, text: str) -> None:
+    """Name `tensor`'s storage for the innermost active meter that explains (else nothing happens)."""
+    if _ACTIVE and _ACTIVE[-1].explain:
+        _ACTIVE[-1].label(tensor, text)
+
+
+@contextmanager
+def explaining(meter: MetaMeter, modules: dict):
+    """While active, `meter` labels each allocation with the innermost of `modules` (name -> module)
+    running when it was made (global forward hooks; for `MetaMeter(explain=True)` only)."""
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    names = {id(m): n for n, m in modules.items()}
+
+    def enter(module, args):
+        if id(module) in names:
+            meter.modules.append(names[id(module)])
+
+    def leave(module, args, out):
+        if id(module) in names and meter.modules:
+            meter.modules.pop()
+
+    handles = [register_module_forward_pre_hook(enter), register_module_forward_hook(leave)]
+    try:
+        yield meter
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def meter_for(device: torch.device):

@@ -35,15 +35,14 @@ import torch
 from torch import nn
 
 from ..model.fragments import FRAGMENTS, TEXT_ENCODER, UNET_IN, UNET_OUT, VAE
-from .memory import NullMeter
+from ..model.unet import block_started
+from .memory import NullMeter, label
 
 PHASES = ("text", "sample", "decode", "encode", "safety")  # safety: the safety checker, after decoding, if any
 UNET_HALVES = (UNET_IN, UNET_OUT)
 # The VAE's two units and the children each moves.
 VAE_ENCODER, VAE_DECODER = f"{VAE}.encoder", f"{VAE}.decoder"
 VAE_UNITS = {VAE_ENCODER: ("encoder", "quant_conv"), VAE_DECODER: ("post_quant_conv", "decoder")}
-# The children of each UNet half that are streamed as one block, in the order they run.
-UNET_BLOCK_LISTS = {UNET_IN: ("time_embed", "input_blocks", "middle_block"), UNET_OUT: ("output_blocks", "out")}
 
 # mode -> phase -> fragments kept on the device for the whole phase ("stream" adds its `resident` units).
 RESIDENT = {
@@ -78,14 +77,11 @@ def _unet_unit_modules(fragments: dict[str, nn.Module]) -> list[tuple[str, list[
     for half in UNET_HALVES:
         if half not in fragments:
             continue
-        for child in UNET_BLOCK_LISTS[half]:
-            module = getattr(fragments[half], child)
-            blocks = ([(f"{child}.{i}", block) for i, block in enumerate(module)] if isinstance(module, nn.ModuleList)
-                      else [(child, module)])
-            for step, block in blocks:
-                if half == UNET_IN:
-                    out += [(unit, modules) for before, unit, modules in controls if before == step]
-                out.append((f"{half}.{step}", [block]))
+        for step, layer in fragments[half].units():
+            block = block_started(step)
+            if half == UNET_IN and block is not None:
+                out += [(unit, modules) for before, unit, modules in controls if before == block]
+            out.append((f"{half}.{step}", [layer]))
     return out
 
 
@@ -146,6 +142,7 @@ class Offloader:
         self.on_device: set[str] = set()  # units
         self.bytes_moved = 0
         self.peaks: dict[str, int] = {}  # phase -> peak device bytes (where the meter can tell)
+        self.explained: dict[str, list] = {}  # phase -> [(bytes, what)] live at its peak (a meter that explains)
         self.phase_bytes: dict[str, int] = {}  # phase -> host->device bytes moved during it
         self.setup_bytes: dict[str, int] = {}  # phase -> of those, the resident units loaded as it began
         self._phase: str | None = None
@@ -182,6 +179,7 @@ class Offloader:
         for *_, master in self._masters[unit]:
             copies.append(master.to(self.device, non_blocking=True, copy=True))  # meta->meta too
             self.bytes_moved += master.numel() * master.element_size()
+            label(copies[-1], f"weights of {unit}")  # planning with --explain-peak: what this storage is
         return copies
 
     def _load(self, unit: str) -> None:
@@ -291,6 +289,8 @@ class Offloader:
             self._prefetched.clear()
             peak = self.meter.phase_peak()
             if peak is not None:
+                if getattr(self.meter, "explain", False) and peak > self.peaks.get(phase, -1):
+                    self.explained[phase] = self.meter.at_peak()
                 self.peaks[phase] = max(self.peaks.get(phase, 0), peak)
             self.phase_bytes[phase] = self.phase_bytes.get(phase, 0) + self.bytes_moved - moved
             self.setup_bytes[phase] = self.setup_bytes.get(phase, 0) + setup
@@ -301,15 +301,57 @@ class Offloader:
         return self.units.get(name) or ([name] if name in self._masters else [])
 
     @contextmanager
-    def use(self, name: str, leave: tuple[str, ...] = (), with_controls: bool = False):
+    def _parts_visited(self, unit: str, module: nn.Module, keep: list[nn.Module]):
+        """The unit `unit` (not loaded) on the device part by part while `module` runs: `keep` for the
+        whole visit, each of `module.parts()` only while it runs (through `module.visit`)."""
+        parts = dict(module.parts())
+        kept = [t for m in keep for t in _tensors(m)]
+        self._swap_in(unit.split(".")[0] + ".post_quant_conv" if keep else unit, kept)
+        module.visit = lambda part: self._visiting(f"{unit}.{part}", [t for m in parts[part] for t in _tensors(m)])
+        try:
+            yield
+        finally:
+            module.visit = None
+            self._swap_out(kept)
+
+    @contextmanager
+    def _visiting(self, part: str, tensors):
+        self._swap_in(part, tensors)
+        try:
+            yield
+        finally:
+            self._swap_out(tensors)
+
+    def _swap_in(self, unit: str, tensors) -> None:
+        """Device copies of host masters `tensors` [(owner, kind, attr, master)] in their owners' places."""
+        for owner, kind, attr, master in tensors:
+            copy = master.to(self.device, non_blocking=True, copy=True)
+            self.bytes_moved += master.numel() * master.element_size()
+            label(copy, f"weights of {unit}")
+            getattr(owner, kind)[attr] = nn.Parameter(copy, requires_grad=False) if kind == "_parameters" else copy
+
+    @staticmethod
+    def _swap_out(tensors) -> None:
+        for owner, kind, attr, master in tensors:
+            getattr(owner, kind)[attr] = master
+
+    @contextmanager
+    def use(self, name: str, leave: tuple[str, ...] = (), with_controls: bool = False, parts: bool = False):
         """The fragment `name`, or the fragment holding unit `name` (e.g. `vae.decoder`) with only
         that unit, on the device for the duration of the block (streamed UNet blocks come and go
         inside it); the units in `leave` stay on the host (the text encoder's layers a clip skip
         does not run). `with_controls`: the ControlNets acting now (not `idle`) come with it (the UNet
-        input half's visit in the default mode)."""
+        input half's visit in the default mode). `parts` (the VAE decoder, `VAE_DECODER`): instead of
+        the whole unit, each of the decoder's `parts()` is on the device only while it runs (the lowest
+        memory: the decoder's largest part is a few MiB against its 94 MiB, fp16)."""
         units = self._units_named(name)
         if not units:
             raise KeyError(f"fragment {name!r} is not loaded")
+        if parts and name == VAE_DECODER and self.offloading and name not in self.on_device:
+            vae = self.fragments[VAE]
+            with self._parts_visited(name, vae.decoder, [vae.post_quant_conv]):
+                yield vae
+            return
         if with_controls:
             units = units + [u for n in control_fragments(self.fragments) for u in self._units_named(n)
                              if u not in self.idle]

@@ -22,7 +22,7 @@ from ..sampling.prompts import parse_weighted
 from ..sampling.samplers import SAMPLERS, EpsDenoiser, KnownRegion, Schedule, make_plan, strength_steps, takes_noise
 from .tiling import decode_safe, decode_tiled, encode_tiled
 from ..model.tokenizer import get_tokenizer
-from ..model.unet import Carry
+from ..model.unet import Carry, block_started
 from ..model.upcast import UpcastMode
 
 TILE = 64  # latent pixels per side of a VAE tile (512 image pixels), overlapping by 16
@@ -244,7 +244,8 @@ class Pipeline:
             for half in UNET_HALVES:
                 with self.engine.use(half, with_controls=control is not None and half == UNET_IN) as unet:
                     for name, step in unet.steps():
-                        for unit, run in control.steps_for(name) if control is not None and half == UNET_IN else ():
+                        block = block_started(name) if control is not None and half == UNET_IN else None
+                        for unit, run in control.steps_for(block) if block is not None else ():
                             with self.engine.block(unit):
                                 run()
                         with self.engine.block(f"{half}.{name}"):
@@ -323,7 +324,10 @@ class Pipeline:
         images = []
         tile = TILE if self.tile else None
         dtype = self._compute_dtype(self.upcast)
-        with self.engine.phase("decode"), self.engine.use(VAE_DECODER) as vae, self._compute(self.upcast):
+        # tiled (the low-memory VAE): the decoder's parts visit the device one at a time (`Offloader.use`)
+        with self.engine.phase("decode", leave=(VAE_DECODER,) if self.tile else ()), \
+                self.engine.use(VAE_DECODER, parts=self.tile) as vae, \
+                self._compute(self.upcast):
             for z in latents.split(1):
                 z = self._layout((z / self.cfg.scale_factor).to(self.device))
                 if self.device.type == "meta":  # planning: no values to check for overflow

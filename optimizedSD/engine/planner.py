@@ -78,7 +78,11 @@ def _meta_fragments(cfg: SDConfig, dtype: torch.dtype, fp8: str | None = None, c
         store_fragments_fp8(fragments, fp8)
     parts = [p for _, m in unet_units(fragments) for p in (m if isinstance(m, torch.nn.ModuleList) else [m])]
     parts += [fragments[TEXT_ENCODER]]
-    parts += [getattr(fragments[VAE], child) for children in VAE_UNITS.values() for child in children]
+    # the VAE: the encoder whole; the decoder part by part (its forward runs them: a streamed part's
+    # weights arrive outside the call replayed)
+    vae = fragments[VAE]
+    parts += [vae.encoder, vae.quant_conv, vae.post_quant_conv]
+    parts += [m for _, modules in vae.decoder.parts()[:-1] for m in modules]
     for m in parts:
         replayable(m)
     return fragments
@@ -183,6 +187,42 @@ def _decode(cfg, dtype, tile, height, width, batch, precision) -> int:
     with using_policy(auto_policy("cuda")), meter:
         pipe.decode(torch.zeros(batch, cfg.channels, height // f, width // f, device="meta"))  # fp32, as sampled
     return pipe.engine.peaks["decode"]
+
+
+def explain_peak(cfg: SDConfig, dtype: torch.dtype, plan: MemoryPlan, height: int, width: int, batch: int,
+                 guided: bool = True, *, precision: str = "autocast", fp8: str | None = None,
+                 sampler: str = "ddim") -> dict[str, tuple[int, list[tuple[int, int, str]]]]:
+    """What is live on the device at each phase's planned peak of a txt2img run (`predict`'s run, with
+    nothing replayed): phase -> (peak bytes, [(bytes, count, what)], largest first). `what` is a unit's
+    weights (`weights of unet_out.output_blocks.0.0`) or an activation: the module that made it, the op,
+    its shape and dtype; equal entries are counted together."""
+    from .memory import explaining
+    from .pipeline import SampleSettings
+
+    out = {}
+    for phases in ("run", "decode"):  # decode is a run of its own, as `predict` plans it
+        pipe, _ = _planning(cfg, dtype, plan.mode if phases == "run" else "default", plan.resident, plan.unet_bs,
+                            plan.tile, precision, fp8 if phases == "run" else None)
+        meter = MetaMeter(explain=True)
+        pipe.engine.meter = meter
+        modules = {f"{n}.{k}" if k else n: m for n, f in pipe.engine.fragments.items() for k, m in f.named_modules()}
+        f = cfg.downsample_factor
+        with using_policy(auto_policy("cuda")), meter, explaining(meter, modules):
+            if phases == "run":
+                settings = SampleSettings(sampler, SETTLED_STEPS.get(sampler, 2), scale=7.5 if guided else 1.0)
+                pipe.txt2img_latents("plan", "", list(range(batch)), height, width, settings)
+            else:
+                pipe.decode(torch.zeros(batch, cfg.channels, height // f, width // f, device="meta"))
+        for phase, live in pipe.engine.explained.items():
+            if phases == "decode" or phase != "decode":
+                counted: dict[str, list[int]] = {}
+                for nbytes, what in live:
+                    counted.setdefault(what, [0, 0])
+                    counted[what][0] += nbytes
+                    counted[what][1] += 1
+                rows = sorted(((b, n, w) for w, (b, n) in counted.items()), key=lambda r: -r[0])
+                out[phase] = (pipe.engine.peaks[phase], rows)
+    return out
 
 
 @functools.lru_cache(maxsize=256)

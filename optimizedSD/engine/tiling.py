@@ -15,6 +15,7 @@ import torch
 from ..model.attention import AttentionPolicy, score_bytes
 from ..model.config import VAEConfig
 from ..model.upcast import UpcastMode
+from ..model.vae import banding
 
 
 # ---- tiled decode ---------------------------------------------------------------------------
@@ -76,6 +77,11 @@ def _tiled(fn, x: torch.Tensor, tile: int, overlap: int, down: int = 1) -> torch
     return (out / (total_y[:, None] * total_x)).to(part.dtype)
 
 
+# fp32 bytes of one row band's temporaries when a tiled decode computes in bands (`model.vae.banding`):
+# at 512x512 the full-resolution layers then take 16 to 32 rows at a time
+BAND_BYTES = 16 * 2**20
+
+
 def decode_tiled(vae, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
     """`vae.decode(z)` computed on overlapping (tile, tile) latent tiles, blended with linear ramps.
 
@@ -83,9 +89,11 @@ def decode_tiled(vae, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> tor
     is decoded whole (identical to `vae.decode`). Otherwise tiles overlap by at least `overlap`
     latent pixels and each pixel is the ramp-weighted mean of the tiles covering it. The result is
     not bit-identical to an untiled decode: GroupNorm statistics and the mid-block attention see one
-    tile instead of the whole latent. Peak memory is one tile's decode plus the fp32 output.
+    tile instead of the whole latent. Each tile is decoded in row bands (`BAND_BYTES`, `model.vae.banding`:
+    the unbanded result up to float rounding). Peak memory is one tile's decode plus the fp32 output.
     """
-    return _tiled(vae.decode, z, tile, overlap)
+    with banding(BAND_BYTES):
+        return _tiled(vae.decode, z, tile, overlap)
 
 
 def encode_tiled(vae, image: torch.Tensor, f: int, tile: int = 64, overlap: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,10 +127,13 @@ def decode_safe(vae, z: torch.Tensor, tile: int | None = None, overlap: int = 16
     from the same weights (`UpcastMode`: each fp16 weight cast just before use), from the caller's z
     in fp32 with autocast off: the module is never converted, so the offload engine's parameter
     swaps and host masters stay intact, and only one layer's fp32 weight copy exists at a time. A
-    first pass already in fp32 is not redone.
+    first pass already in fp32 is not redone. Tiles are decoded in row bands, as `decode_tiled` does.
     """
     def run(decode, latent):
-        return decode(latent) if tile is None else _tiled(decode, latent, tile, overlap)
+        if tile is None:
+            return decode(latent)
+        with banding(BAND_BYTES):
+            return _tiled(decode, latent, tile, overlap)
 
     dtype = dtype or next(vae.parameters()).dtype
     image = run(vae.decode, z.to(dtype))

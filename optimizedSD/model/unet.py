@@ -4,10 +4,14 @@
 and `out`. Attribute paths equal the checkpoint keys under `model.diffusion_model.`. The input half
 returns the hidden state, the time embedding and the skip connections the output half consumes.
 
-Each half is also a list of steps, one per block (`steps()`: child name, function of a `Carry`), so
-a caller can run one block on several chunks of rows before the next block (block-major order: the
-offload engine then moves each streamed block once per evaluation, whatever the number of chunks).
-`forward` is those steps in order on one chunk. The UNet computes in its input's dtype.
+Each half is also a list of steps (`steps()`: name, function of a `Carry`), one per layer of a block
+(`input_blocks.4.0` the ResBlock, `input_blocks.4.1` its transformer: the names are the layers'
+checkpoint paths; `time_embed` and `out` are one step each), so a caller can run one step on several
+chunks of rows before the next (block-major order: the offload engine then moves each streamed
+layer once per evaluation, whatever the number of chunks; a layer rather than a whole block, so that
+no block of up to 185 MiB (the middle block, fp16) has to be on the device at once). `forward` is
+those steps in order on one chunk. The UNet computes in its input's dtype. Each step drops what it
+read as soon as nothing reads it any more (the output half's skip connection after the join).
 """
 from __future__ import annotations
 
@@ -49,20 +53,33 @@ class TimestepBlock(nn.Module):
     """Marker: a block whose forward takes the time embedding."""
 
 
+def run_layer(layer: nn.Module, x, emb, context=None, upsample_size=None):
+    """One layer of a block, given the time embedding, context or output size it takes."""
+    if isinstance(layer, TimestepBlock):
+        return layer(x, emb)
+    if isinstance(layer, SpatialTransformer):
+        return layer(x, context)
+    if isinstance(layer, Upsample):
+        return layer(x, upsample_size)
+    return layer(x)
+
+
 class TimestepEmbedSequential(nn.Sequential):
     """Runs children in order, giving the time embedding and context to those that take them."""
 
     def forward(self, x, emb, context=None, upsample_size=None):
         for layer in self:
-            if isinstance(layer, TimestepBlock):
-                x = layer(x, emb)
-            elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
-            elif isinstance(layer, Upsample):
-                x = layer(x, upsample_size)
-            else:
-                x = layer(x)
+            x = run_layer(layer, x, emb, context, upsample_size)
         return x
+
+
+def block_started(step: str) -> str | None:
+    """The block (`input_blocks.4`, `middle_block`, `time_embed`) whose first step is `step`
+    (`input_blocks.4.0`, `middle_block.0`, `time_embed`), or None for a later step of a block."""
+    parts = step.split(".")
+    if parts[0] in ("input_blocks", "output_blocks"):
+        return ".".join(parts[:2]) if parts[2:] == ["0"] else None
+    return parts[0] if parts[1:] in ([], ["0"]) else None
 
 
 class Downsample(nn.Module):
@@ -260,24 +277,37 @@ class UNetInput(nn.Module):
             ResBlock(ch, emb_dim, ch), _transformer(cfg, ch), ResBlock(ch, emb_dim, ch))
         self.model_channels = mc
 
+    def units(self):
+        """(step name, the module it runs) of every step, in the order they run (`steps`)."""
+        return ([("time_embed", self.time_embed)]
+                + [(f"input_blocks.{i}.{j}", layer) for i, block in enumerate(self.input_blocks)
+                   for j, layer in enumerate(block)]
+                + [(f"middle_block.{j}", layer) for j, layer in enumerate(self.middle_block)])
+
     def steps(self):
-        """(child name, step(carry)) of every block, in the order they run."""
-        return ([("time_embed", self._embed)]
-                + [(f"input_blocks.{i}", partial(self._input, block)) for i, block in enumerate(self.input_blocks)]
-                + [("middle_block", self._middle)])
+        """(step name, step(carry)) of every layer of every block, in the order they run."""
+        out = [("time_embed", self._embed)]
+        for i, block in enumerate(self.input_blocks):
+            out += [(f"input_blocks.{i}.{j}", partial(self._input, layer, j == len(block) - 1))
+                    for j, layer in enumerate(block)]
+        last = len(self.middle_block) - 1
+        return out + [(f"middle_block.{j}", partial(self._middle, layer, j == last))
+                      for j, layer in enumerate(self.middle_block)]
 
     def _embed(self, c: Carry) -> None:
         t = c.t.reshape(-1).expand(c.h.shape[0]) if c.t.numel() == 1 else c.t
         c.emb, c.t = self.time_embed(timestep_embedding(t, self.model_channels).to(c.h.dtype)), None
 
     @staticmethod
-    def _input(block, c: Carry) -> None:
-        c.h = block(c.h, c.emb, c.context)
-        c.skips.append(c.h)
+    def _input(layer, last: bool, c: Carry) -> None:
+        c.h = run_layer(layer, c.h, c.emb, c.context)
+        if last:  # the block's output is a skip connection
+            c.skips.append(c.h)
 
-    def _middle(self, c: Carry) -> None:
-        c.h = self.middle_block(c.h, c.emb, c.context)
-        residual = c.control.pop() if c.control else None
+    @staticmethod
+    def _middle(layer, last: bool, c: Carry) -> None:
+        c.h = run_layer(layer, c.h, c.emb, c.context)
+        residual = c.control.pop() if last and c.control else None
         if residual is not None:
             c.h = inplace.add(c.h, residual)
 
@@ -311,17 +341,27 @@ class UNetOutput(nn.Module):
         self.output_blocks = nn.ModuleList(blocks)
         self.out = nn.Sequential(GroupNorm32(32, ch), inplace.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
+    def units(self):
+        """(step name, the module it runs) of every step, in the order they run (`steps`)."""
+        return ([(f"output_blocks.{i}.{j}", layer) for i, block in enumerate(self.output_blocks)
+                 for j, layer in enumerate(block)] + [("out", self.out)])
+
     def steps(self):
-        """(child name, step(carry)) of every block, in the order they run."""
-        return ([(f"output_blocks.{i}", partial(self._output, block)) for i, block in enumerate(self.output_blocks)]
+        """(step name, step(carry)) of every layer of every block, in the order they run."""
+        return ([(f"output_blocks.{i}.{j}", partial(self._output, layer, j == 0))
+                 for i, block in enumerate(self.output_blocks) for j, layer in enumerate(block)]
                 + [("out", self._out)])
 
     @staticmethod
-    def _output(block, c: Carry) -> None:
-        skip, residual = c.skips.pop(), c.control.pop() if c.control else None
-        h = torch.cat([c.h, skip if residual is None else skip + residual], dim=1)
+    def _output(layer, first: bool, c: Carry) -> None:
+        if first:  # the block's input: h joined with its skip connection (and a ControlNet's residual)
+            skip, residual = c.skips.pop(), c.control.pop() if c.control else None
+            h = torch.cat([c.h, skip if residual is None else skip + residual], dim=1)
+            c.h = skip = None  # both halves of the join are read: freed while the layer runs
+        else:
+            h, c.h = c.h, None  # this step's reference is the only one
         # An upsampler brings h to the size of the next skip connection it will be joined with.
-        c.h = block(h, c.emb, c.context, upsample_size=c.skips[-1].shape[-2:] if c.skips else None)
+        c.h = run_layer(layer, h, c.emb, c.context, upsample_size=c.skips[-1].shape[-2:] if c.skips else None)
 
     def _out(self, c: Carry) -> None:
         c.h, c.emb = self.out(c.h), None
