@@ -184,3 +184,76 @@ def test_on_the_cpu_nothing_is_copied(mode, n_resident):
     fragments[VAE].decoder.register_forward_pre_hook(lambda mod, args: same_storage(VAE, fragments[VAE]))
     Pipeline(cfg, engine).txt2img("a fox", "", [1], 64, 64, SampleSettings("ddim", 2, 7.5))
     assert set(ran) == {TEXT_ENCODER, VAE, *units} and engine.bytes_moved == 0
+
+
+# --- the lowest setting: layers streamed, the VAE decoder part by part, banded -------------------
+
+def _random_fragments(cfg):
+    fragments = build_fragments(cfg)
+    torch.manual_seed(0)
+    for m in fragments.values():
+        for p in m.parameters():
+            p.data.normal_(0, 0.05)
+    return fragments
+
+
+@pytest.fixture(scope="module")
+def lowest_plan():
+    """--lowvram's plan (every UNet layer streamed, the VAE tiled: its decoder streamed part by part),
+    as `choose_plan` makes it, with one image's two rows in one chunk."""
+    from optimizedSD.engine.planner import choose_plan
+
+    plan = choose_plan(tiny_config(), torch.float16, turbo=False, lowvram=True, vram=None, unet_bs=2, height=64,
+                       width=64, n_samples=1, guided=True)
+    assert plan.mode == "stream" and plan.tile and plan.resident == ()
+    return plan
+
+
+@pytest.mark.parametrize("sampler", sorted(__import__("optimizedSD.sampling.samplers", fromlist=["SAMPLERS"]).SAMPLERS))
+def test_the_lowest_budget_renders_every_sampler_as_the_resident_run(sampler, lowest_plan):
+    """Every sampler, rendered on the CPU with every copy forced under the lowest plan (layers
+    streamed, the decoder part by part; full-size, it plans 512x512 under 512 MiB with every sampler:
+    tests/test_planner.py), gives the resident run's image bit for bit."""
+    cfg = tiny_config()
+    fragments = _random_fragments(cfg)
+    settings = SampleSettings(sampler, 3, 7.5)
+    reference = Pipeline(cfg, Offloader(fragments, torch.device("cpu")), unet_bs=lowest_plan.unet_bs).txt2img(
+        "a fox", "", [4], 64, 64, settings)
+    engine = Offloader(fragments, torch.device("cpu"), lowest_plan.mode, lowest_plan.resident, copy_on_host=True)
+    images = Pipeline(cfg, engine, unet_bs=lowest_plan.unet_bs, tile=lowest_plan.tile).txt2img(
+        "a fox", "", [4], 64, 64, settings)
+    assert engine.bytes_moved > 0 and torch.isfinite(images).all()
+    assert torch.equal(images, reference), sampler
+
+
+def test_the_decoder_streams_part_by_part_and_bands_give_the_unbanded_image(monkeypatch):
+    """A tiled decode moves each decoder part to the device only while it runs (its weights never all
+    at once), with the same bits as the resident decode; with row bands forced small (every
+    full-resolution layer in several bands, sizes that do not divide evenly), the image is the
+    unbanded one up to float rounding."""
+    from optimizedSD.engine import tiling
+    from optimizedSD.engine.offload import VAE_DECODER
+
+    cfg = tiny_config()
+    fragments = _random_fragments(cfg)
+    decoder = fragments[VAE].decoder
+    z = torch.randn(2, cfg.channels, 13, 11)
+    reference = Pipeline(cfg, Offloader(fragments, torch.device("cpu"))).decode(z)
+    engine = Offloader(fragments, torch.device("cpu"), "stream", copy_on_host=True)
+    on_device = []
+    for name, modules in decoder.parts():
+        modules[0].register_forward_pre_hook(lambda m, a: on_device.append(
+            sum(p.untyped_storage().data_ptr() not in masters for p in decoder.parameters())))
+    masters = {p.untyped_storage().data_ptr() for p in decoder.parameters()}
+    images = Pipeline(cfg, engine, tile=True).decode(z)
+    assert torch.equal(images, reference)
+    parts = sum(1 for _ in decoder.parameters())
+    assert on_device and 0 < max(on_device) < parts  # some weights, never the whole decoder
+    # each image decoded on its own brings each part once; post_quant_conv (80 bytes) stays for the phase
+    assert engine.phase_bytes["decode"] == 2 * fragment_bytes(decoder) + fragment_bytes(fragments[VAE].post_quant_conv)
+    assert all(p.untyped_storage().data_ptr() in masters for p in decoder.parameters())
+    monkeypatch.setattr(tiling, "BAND_BYTES", 3000)  # 1 to 3 rows per band at this size
+    banded = Pipeline(cfg, Offloader(fragments, torch.device("cpu"), "stream", copy_on_host=True), tile=True).decode(z)
+    torch.testing.assert_close(banded, reference, rtol=0, atol=1e-5)
+    assert not torch.equal(banded, reference)  # the bands really ran (float rounding differs)
+    assert VAE_DECODER in engine.units[VAE]
