@@ -345,7 +345,7 @@ def plan_budget(cfg: SDConfig, dtype: torch.dtype, budget: int, height: int, wid
             best, best_seconds = found, seconds(b, u, k)
     if best is None:
         lowest = -(-plan_of(1, 1, 0, True).peak() // 2**20)  # MiB, rounded up: a budget that plans
-        raise PlanError(f"--vram {budget / 2**20:.0f}M is too small for {width}x{height}: the smallest budget that "
+        raise PlanError(f"--vram {gib(budget)} is too small for {width}x{height}: the smallest budget that "
                         f"plans it is --vram {lowest}M ({lowest / 1024:.2f} GiB); give at least that or a smaller size")
     return best
 
