@@ -27,6 +27,7 @@ from playwright.sync_api import expect
 
 CN = dict(prompt="a blue circle on a red background, top right", seed=13, weight=0.7, end=0.75, low=50, high=150)
 CLIP_SKIP = dict(prompt="a yellow triangle on a green background", seed=17)
+I2I = dict(prompt="a green square on a yellow background", seed=31, strength=0.6)
 HIRES = dict(prompt="a white square on a black background", seed=19, scale=2, steps=3, denoise=0.5)
 
 
@@ -68,6 +69,10 @@ def server(tmp_path_factory):
                               "--controlnet", net, "--control_image", image, "--control_preprocessor", "canny",
                               "--control_low", CN["low"], "--control_high", CN["high"], "--control_weight",
                               CN["weight"], "--control_end", CN["end"], "--control_mode", "prompt"),
+            "img2img": cli("img2img", tmp / "cli", "--prompt", I2I["prompt"], "--seed", I2I["seed"], "--init-img",
+                           image, "--strength", I2I["strength"], "--controlnet", net.name, "--controlnet_dir",
+                           net.parent, "--control_image", image, "--control_preprocessor", "invert",
+                           "--control_resize", "just resize", "--control_mode", "control"),
             "clip_skip": cli("txt2img", tmp / "cli", "--prompt", CLIP_SKIP["prompt"], "--seed", CLIP_SKIP["seed"],
                              "--clip_skip", 2),
             "hires": cli("txt2img", tmp / "cli", "--prompt", HIRES["prompt"], "--seed", HIRES["seed"],
@@ -160,6 +165,26 @@ def test_controlnet_render_gives_the_clis_image_and_parameters(browser, server):
         b.get_by_label("Model", exact=True).click()
         expect(page.get_by_role("option", name=server["net"].name, exact=True)).to_be_visible()
         page.keyboard.press("Escape")
+    page.context.close()
+
+
+def test_img2img_with_a_controlnet_gives_the_clis_image(browser, server):
+    page = open_page(browser, server)
+    panel = tab(page, "img2img")
+    panel.locator("input[type=file]").first.set_input_files(str(server["image"]))  # the init image
+    fill(panel, Prompt=I2I["prompt"], Seed=I2I["seed"], Steps=STEPS)
+    panel.get_by_role("spinbutton", name="Denoising strength").fill(str(I2I["strength"]))
+    box = unit(page, "img2img")
+    box.get_by_label("Enable", exact=True).check()
+    set_unit(page, box, server["image"], "invert (from white bg & black line)", server["net"].name)
+    box.get_by_label("ControlNet is more important", exact=True).check()
+    box.get_by_label("Just Resize", exact=True).check()
+    panel.get_by_role("button", name="Generate").click()
+    assert wait_done(panel, I2I["seed"]).startswith("wrote 1 image(s)")
+    name = f"seed_{I2I['seed']}_00000.png"
+    ui = slug_dir(server["ui"], I2I["prompt"]) / name
+    same_png(ui, slug_dir(server["cli"], I2I["prompt"]) / name)
+    assert 'ControlNet 0: "Module: invert, ' in Image.open(ui).text["parameters"]
     page.context.close()
 
 
