@@ -41,7 +41,8 @@ CLI_LABELS = {f"control_{k}": f"--control_{k}" for k in ("image", "weight", "sta
 CLI_LABELS["control_model"] = "--controlnet"
 UI_LABELS = {"control_model": "Model", "control_image": "an Image in the ControlNet panel",
              "control_weight": "Control Weight", "control_start": "Starting Control Step",
-             "control_end": "Ending Control Step", "control_mode": "Control Mode", "control_preprocessor": "Preprocessor",
+             "control_end": "Ending Control Step", "control_mode": "Control Mode",
+             "control_preprocessor": "Preprocessor",
              "control_low": "Low Threshold", "control_high": "High Threshold", "control_resize": "Resize Mode"}
 
 

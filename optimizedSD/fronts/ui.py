@@ -82,7 +82,7 @@ class Studio:
 
     def __init__(self, engine: Engine, outdirs: dict[str, str], memory: str = "default", controlnet_dirs=()):
         self.engine, self.outdirs, self.memory = engine, outdirs, memory
-        self.controlnet_dirs = tuple(controlnet_dirs)  # the ControlNet panel's model folders (webui.py --controlnet_dir)
+        self.controlnet_dirs = tuple(controlnet_dirs)  # webui.py --controlnet_dir
         self.jobs = Jobs()  # one render at a time on the engine: UI clicks and API requests (fronts/api.py) alike
         self._cancel: dict[str, threading.Event] = {}  # page (gradio session) -> its Interrupt
         self._previews: dict[str, Image.Image] = {}  # page -> the latest live preview not shown yet

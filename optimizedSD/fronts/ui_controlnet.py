@@ -24,7 +24,8 @@ from ..engine.request import UI_LABELS
 
 UNITS = 2  # ControlNet Unit 0 and Unit 1
 LABELS = {**UI_LABELS, **CONTROL_LABELS}  # the page's field names in the engine's messages
-PREPROCESSOR_LABELS = {"none": "none", "canny": "canny", "invert": "invert (from white bg & black line)"}  # the extension's
+# our preprocessor -> the extension's name for it
+PREPROCESSOR_LABELS = {"none": "none", "canny": "canny", "invert": "invert (from white bg & black line)"}
 DEFAULTS = ControlUnit(model="")
 
 
