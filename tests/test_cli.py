@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from checkpoints import write_tiny_checkpoint
-from optimizedSD.fronts import cli
 from optimizedSD.engine import spec
 from optimizedSD.model import paths
+from optimizedSD.outputs import images
 from optimizedSD.engine.request import RequestError
 from optimizedSD.fronts.cli import main
 from optimizedSD.model.config import SDConfig, UNetConfig
@@ -172,7 +172,7 @@ def test_unwritable_outdir(tiny_model, tmp_path, capsys, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
-    monkeypatch.setattr(cli.os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    monkeypatch.setattr(images.os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
     code, _, err = run_cli(tiny_args(tiny_model, locked / "out", "--prompt", "p"), capsys)
     assert code == 2 and err.strip() == f"error: output directory {locked} is not writable; choose another --outdir"
     assert os.listdir(locked) == []

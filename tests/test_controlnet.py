@@ -18,7 +18,7 @@ from PIL import Image
 from reference import NEGATIVE, PROMPT, assert_same_image, clip_tokenizer, diffusers_unet, diffusers_vae, \
     ldm_config, random_tiny_model, randomize, sd_v1_scheduler_config, transformers_clip
 
-from optimizedSD.custom.controlnet_file import ControlNetError, load_controlnet
+from optimizedSD.custom.controlnet_file import load_controlnet
 from optimizedSD.engine.control import ActiveNet, Control, ControlUnit
 from optimizedSD.engine.control_images import hint_tensor
 from optimizedSD.engine.inputs import image_tensor, mask_tensor, to_pil

@@ -228,11 +228,13 @@ def run_script(tiny_model, outdir, *extra) -> tuple[subprocess.CompletedProcess,
     return result, np.asarray(Image.open(folder / "seed_3_00000.png").convert("RGB")).astype(np.int16)
 
 
-def test_cli_long_prompts_writes_an_image_and_the_default_warns(tiny_model, tmp_path):
-    result, chunked = run_script(tiny_model, tmp_path / "long", "--long_prompts")
+def test_cli_long_prompts_writes_an_image_and_plain_syntax_warns(tiny_model, tmp_path):
+    result, chunked = run_script(tiny_model, tmp_path / "long", "--prompt_syntax", "plain", "--long_prompts")
+    assert "were dropped" not in result.stderr
+    result, _ = run_script(tiny_model, tmp_path / "webui")  # the webui syntax (default) chunks, as the webui
     assert "were dropped" not in result.stderr
 
-    result, truncated = run_script(tiny_model, tmp_path / "default")
+    result, truncated = run_script(tiny_model, tmp_path / "default", "--prompt_syntax", "plain")
     assert "prompt is 160 tokens; the last 85 of them were dropped (CLIP reads 75)" in result.stderr
     assert "--long_prompts" in result.stderr
     assert np.abs(truncated - chunked).max() > 0  # the flag reached the pipeline

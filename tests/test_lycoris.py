@@ -9,7 +9,7 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-from lora_files import TEXT_TARGETS, UNET_TARGETS, kohya_state, lora_tensors, write_kohya
+from lora_files import kohya_state, lora_tensors
 from lycoris_files import lycoris_merge, lycoris_state, write
 from reference import (assert_same_image, checkpoint, ddim_scheduler, diffusers_images, diffusers_unet, our_images,
                        transformers_clip)

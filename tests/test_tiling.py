@@ -5,20 +5,16 @@ Run with -s to print the tiled-vs-untiled figures of the tiny VAE.
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optimizedSD.model.attention import AttentionPolicy, get_policy, set_policy
-from optimizedSD.model.config import VAEConfig, tiny_config
+from optimizedSD.model.config import tiny_config
 from optimizedSD.model.fragments import VAE
-from optimizedSD.engine.tiling import decode_peak_bytes, decode_safe, decode_tiled, encode_tiled, needs_tiling
-from optimizedSD.model.vae import AutoencoderKL
+from optimizedSD.engine.tiling import decode_safe, decode_tiled, encode_tiled
 from reference import tiny_fragments
-from test_attention import LiveBytes
 
 MiB = 2**20
 
@@ -221,64 +217,3 @@ def test_decode_safe_keeps_a_finite_decode(vae):
         image, redone = decode_safe(vae, z)
         assert not redone and torch.equal(image, vae.decode(z))
     _assert_unchanged(vae, snapshot)
-
-
-# ---------------------------------------------------------------------------------------------
-# decode_peak_bytes / needs_tiling
-# ---------------------------------------------------------------------------------------------
-
-def _traced_peak(cfg: VAEConfig, h: int, w: int, dtype: torch.dtype, policy: AttentionPolicy, batch: int = 1) -> int:
-    """Peak live bytes of the real decoder on `meta` (no compute), traced op by op."""
-    previous = get_policy()
-    set_policy(policy)
-    try:
-        with torch.device("meta"):
-            model = AutoencoderKL(cfg).to(dtype).eval().requires_grad_(False)
-            z = torch.empty(batch, cfg.embed_dim, h, w, dtype=dtype)
-        with torch.no_grad(), LiveBytes() as live:
-            model.decode(z)
-        return live.peak
-    finally:
-        set_policy(previous)
-
-
-@pytest.mark.parametrize("cfg, hw, dtype, policy, batch", [
-    (VAEConfig(), (64, 64), torch.float16, AttentionPolicy("chunked", chunk_size=512), 1),      # SD v1 512x512
-    (VAEConfig(), (96, 40), torch.float32, AttentionPolicy("sliced"), 2),
-    (tiny_config().vae, (128, 128), torch.float32, AttentionPolicy("sliced"), 1),  # attention dominates
-    (replace(tiny_config().vae, ch_mult=(1, 2, 4), num_res_blocks=2, attn_resolutions=(64,)), (32, 24),
-     torch.float32, AttentionPolicy("chunked", chunk_size=333), 1),                # attention inside a level
-])
-def test_decode_peak_bytes_matches_a_meta_trace(cfg, hw, dtype, policy, batch):
-    est = decode_peak_bytes(*hw, dtype, cfg, policy, batch)
-    traced = _traced_peak(cfg, *hw, dtype, policy, batch)
-    # The estimate also counts the caller's z, which the trace does not see: within 0.2%, never under.
-    assert traced <= est <= 1.002 * traced, (est, traced)
-
-
-def test_decode_peak_bytes_hand_computed():
-    # SD v1 at 512x512, fp16: up.0's first ResnetBlock holds its 256-channel input, GroupNorm and
-    # SiLU at full resolution: 768 x 512 x 512 x 2 bytes = 384 MiB, plus 8 bytes per latent pixel
-    # for z and post_quant_conv's output.
-    assert decode_peak_bytes(64, 64, torch.float16) == 768 * 512 * 512 * 2 + 2 * 4 * 64 * 64 * 2
-    # CUDA autocast: GroupNorm and SiLU outputs in fp32 (a = 4): 256 x (2 + 2 x 4) = 2560 bytes/pixel.
-    assert decode_peak_bytes(64, 64, torch.float16, autocast=True) == 2560 * 512 * 512 + 2 * 4 * 64 * 64 * 2
-    # Sliced attention at a 128x128 latent: one (16384, 16384) fp16 block is 512 MiB, two 1 GiB,
-    # beside 768 x 1024 x 1024 x 2 = 1.5 GiB at full resolution: still the resnet.
-    big = decode_peak_bytes(128, 128, torch.float16, policy=AttentionPolicy("sliced"))
-    assert big == 768 * 1024 * 1024 * 2 + 2 * 4 * 128 * 128 * 2
-    # ... at 192x192 the two score blocks (2 x 36864^2 x 2 bytes = 5.06 GiB) beat the resnet's
-    # 768 x 1536^2 x 2 = 3.4 GiB; around them: x, norm, q, k, v and the output buffer at 512 channels.
-    n = 192 * 192
-    held = 2 * 4 * n * 2 + 512 * n * 2  # z, post_quant_conv, conv_in's output
-    attn = 512 * n * (2 + 5 * 2) + 2 * n * n * 2  # x, norm, q, k, v, output buffer + two score blocks
-    assert decode_peak_bytes(192, 192, torch.float16, policy=AttentionPolicy("sliced")) == held + attn
-
-
-def test_needs_tiling():
-    fp16 = torch.float16
-    assert not needs_tiling(64, 64, 400 * MiB, fp16)  # 384 MiB
-    assert needs_tiling(64, 64, 380 * MiB, fp16)
-    assert needs_tiling(128, 128, 1024 * MiB, fp16)  # 1.5 GiB
-    assert not needs_tiling(128, 128, 2048 * MiB, fp16)
-    assert needs_tiling(64, 64, 500 * MiB, fp16, autocast=True)  # 640 MiB

@@ -196,7 +196,7 @@ def test_preview_shows_the_canny_edges_of_cv2(browser, server):
     box = unit(page)
     set_unit(page, box, server["image"], "canny", **{"Low Threshold": 60, "High Threshold": 140})
     box.get_by_role("button", name="Preview", exact=True).click()
-    preview = page.locator(f"#txt2img-controlnet-0 .block:has-text('Preprocessor Preview') img").first
+    preview = page.locator("#txt2img-controlnet-0 .block:has-text('Preprocessor Preview') img").first
     expect(preview).to_be_visible(timeout=30_000)
     edges = cv2.Canny(np.asarray(Image.open(server["image"]).convert("RGB")), 60, 140)
     assert edges.any() and not edges.all()

@@ -22,7 +22,7 @@ from ..model.attention import auto_policy, using_policy
 from ..model.config import SDConfig
 from ..model.fragments import TEXT_ENCODER
 from .memory import MetaMeter, cuda_block_bytes, replayable
-from .offload import VAE_UNITS, Offloader, fragment_bytes, unet_units
+from .offload import Offloader, fragment_bytes, unet_units
 
 GiB = 2 ** 30
 _UNITS = {"": 1, "b": 1, "k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30, "t": 2 ** 40}

@@ -12,8 +12,6 @@ from contextlib import nullcontext
 
 import torch
 
-from ..model.attention import AttentionPolicy, score_bytes
-from ..model.config import VAEConfig
 from ..model.upcast import UpcastMode
 from ..model.vae import banding
 
@@ -142,72 +140,3 @@ def decode_safe(vae, z: torch.Tensor, tile: int | None = None, overlap: int = 16
     with _autocast_off(z.device), UpcastMode():
         image = run(vae.decode, z.float())
     return image, True
-
-
-# ---- memory model -----------------------------------------------------------------------------
-
-def decode_peak_bytes(h: int, w: int, dtype: torch.dtype, cfg: VAEConfig = VAEConfig(),
-                      policy: AttentionPolicy = AttentionPolicy(), batch: int = 1, autocast: bool = False) -> int:
-    """Estimated peak bytes of activations alive at once while the decoder runs on a (batch, h, w) latent.
-
-    Pure (shapes only). Walks `vae.Decoder` as built from `cfg` and takes the largest live set, with
-    e = dtype bytes and P = batch * pixels at the stage's resolution:
-    - ResnetBlock(cin -> cout) with input x:  P * max(cin (e + 2a),  (x, norm1, silu1)
-      cin (e + a + k) + cout e,  cin e + cout (e + 2a),  cin e + cout (2e + a + k),  cin e + 3 cout e),
-      where a is the bytes of a GroupNorm output and of the SiLU after it (e, or 4 under CUDA
-      autocast, which runs group_norm in fp32) and k the fp16 copy autocast makes of that SiLU for
-      the next conv (0, or e);
-    - AttnBlock(c) (the mid block's; SD v1 has no others): max(P c (a + 5e) + scores, P c (a + 7e)):
-      x, norm, q, k, v and the output buffer while attention runs, where `scores` is
-      `score_bytes(policy, batch, 1, tokens, tokens, dtype, d=c)` with tokens = h * w; then the
-      output's reshaped copy, proj_out and the residual sum;
-    - Upsample(c) from P pixels: c e (P + 4P + 4P): input, nearest-upsampled copy, conv output;
-    - norm_out: c0 P (e + 2a);
-    plus what enclosing forwards still hold: z and post_quant_conv's output throughout, conv_in's
-    output during the mid block, a level's input while its later blocks run.
-    For SD v1 the maximum is up.0's first ResnetBlock at full resolution, where the 256-channel
-    upsampled input, its GroupNorm and its SiLU are alive together: 768 * H * W * e bytes
-    (B=1, 512x512, fp16: 384 MiB) -- unless a non-fused attention's (h*w)^2 score blocks are larger.
-    Excluded: weights, allocator rounding, O(chunk * d) attention temporaries and kernel
-    workspaces (cuDNN may add tens of MiB). Without autocast this matches an op-by-op trace of the
-    real decoder on `meta` to within 0.2% (tests/test_tiling.py); the autocast terms follow CUDA
-    autocast's op lists (group_norm in fp32) and have not been measured on a GPU.
-    """
-    e = dtype.itemsize
-    a = 4 if autocast else e
-    k = e if autocast else 0
-
-    def resnet(cin, cout, px):
-        return px * max(cin * (e + 2 * a), cin * (e + a + k) + cout * e, cin * e + cout * (e + 2 * a),
-                        cin * e + cout * (2 * e + a + k), cin * e + 3 * cout * e)
-
-    def attn(c, tokens):
-        px = batch * tokens
-        return max(px * c * (a + 5 * e) + score_bytes(policy, batch, 1, tokens, tokens, dtype, d=c),
-                   px * c * (a + 7 * e))
-
-    tokens, c = h * w, cfg.ch * cfg.ch_mult[-1]
-    px = batch * tokens
-    held = 2 * cfg.z_channels * px * e  # the caller's z and post_quant_conv's output
-    conv_in = c * px * e
-    peak = held + conv_in + resnet(c, c, px)  # mid: conv_in's output is Mid.forward's x throughout
-    peak = max(peak, held + conv_in + attn(c, tokens))  # attn's x is block_1's output
-    res = cfg.resolution // cfg.downsample_factor
-    for level in reversed(range(len(cfg.ch_mult))):
-        cout = cfg.ch * cfg.ch_mult[level]
-        level_in = c * px * e  # Decoder.forward holds the level's input while its blocks run
-        for i in range(cfg.num_res_blocks + 1):
-            peak = max(peak, held + (level_in if i else 0) + resnet(c, cout, px))
-            c = cout
-            if res in cfg.attn_resolutions:
-                peak = max(peak, held + level_in + attn(c, tokens))
-        if level != 0:
-            peak = max(peak, held + c * px * e * 9)  # upsample: input, 4x copy, 4x conv output
-            tokens, px, res = tokens * 4, px * 4, res * 2
-    return max(peak, held + c * px * (e + 2 * a))
-
-
-def needs_tiling(h: int, w: int, budget_bytes: int, dtype: torch.dtype, cfg: VAEConfig = VAEConfig(),
-                 policy: AttentionPolicy = AttentionPolicy(), autocast: bool = False) -> bool:
-    """True when an untiled decode of one (h, w) latent is estimated (`decode_peak_bytes`) over `budget_bytes`."""
-    return decode_peak_bytes(h, w, dtype, cfg, policy, 1, autocast) > budget_bytes

@@ -62,8 +62,9 @@ def build_parser(kind: str = "txt2img") -> argparse.ArgumentParser:
       help="what to draw; weighted sub-prompts allowed: 'a tabby cat:0.25 a white duck:0.75'")
     a("--negative_prompt", type=str, default="", help="what to steer away from (weights allowed too)")
     a("--long_prompts", action="store_true",
-      help="encode prompts longer than 75 tokens whole, in 75-token chunks encoded separately and concatenated "
-           "(as AUTOMATIC1111's webui); default: cut at 75 tokens with a warning, as the reference pipeline")
+      help="with --prompt_syntax plain: encode prompts longer than 75 tokens whole, in 75-token chunks encoded "
+           "separately and concatenated (as AUTOMATIC1111's webui, and as the default webui syntax always does); "
+           "without it plain prompts are cut at 75 tokens with a warning, as the reference pipeline")
     a("--prompt_syntax", type=str, default="webui",
       help="webui (default): AUTOMATIC1111's prompt syntax: (word) x1.1, [word] /1.1, (word:1.4), BREAK, "
            "[from:to:when] editing, [a|b] alternation, long prompts in 75-token chunks (docs/prompts.md); "
@@ -394,34 +395,36 @@ def generate(args) -> dict:
     # the sampling steps of the current batch beneath it.
     single_batch = len(requests) == 1 and requests[0].n_iter == 1
     overall = tqdm(total=total, unit="image", position=0, dynamic_ncols=True, disable=spec.planning or single_batch)
-    for k, r in enumerate(requests):
-        overall.set_description(f"prompt {k + 1}/{len(requests)}")
-        writer = None
-        if not spec.planning:
-            writer = RequestWriter(args.outdir, r, metadata(r, spec, engine.checkpoint_hash), fmt=args.format,
-                                   skip_save=args.skip_save, skip_grid=args.skip_grid, n_rows=args.n_rows)
-        with tqdm(total=None, desc=f"sampling seeds {r.seeds[0]}-{r.seeds[-1]}", leave=False,
-                  position=0 if overall.disable else 1, dynamic_ncols=True, disable=spec.planning) as bar:
-            def on_step(done, total, bar=bar):
-                bar.total = total
-                bar.update(done - bar.n)
+    try:  # the bar closed first, so that an error or Ctrl-C line is printed below it
+        for k, r in enumerate(requests):
+            overall.set_description(f"prompt {k + 1}/{len(requests)}")
+            writer = None
+            if not spec.planning:
+                writer = RequestWriter(args.outdir, r, metadata(r, spec, engine.checkpoint_hash), fmt=args.format,
+                                       skip_save=args.skip_save, skip_grid=args.skip_grid, n_rows=args.n_rows)
+            with tqdm(total=None, desc=f"sampling seeds {r.seeds[0]}-{r.seeds[-1]}", leave=False,
+                      position=0 if overall.disable else 1, dynamic_ncols=True, disable=spec.planning) as bar:
+                def on_step(done, total, bar=bar):
+                    bar.total = total
+                    bar.update(done - bar.n)
 
-            previews = {}
-            if args.preview_every and writer is not None:  # previews/ beside the images (writer.write_preview)
-                previews = dict(on_preview=lambda p, w=writer: write_preview(w.dir, p), preview_every=args.preview_every)
-            for batch in engine.render(r, on_step=on_step, stats=stats, **previews):
-                for item in batch:
-                    written += writer.add(item.image, item.seed, meta=item.meta) is not None
-                overall.update(len(batch))
-        if writer:
-            writer.finish()
-            dirs.append(str(writer.dir))
-            if getattr(args, "control_save_map", False) and r.controls and writer.written:
-                from ..engine.control import save_maps
+                previews = {}
+                if args.preview_every and writer is not None:  # previews/ beside the images (writer.write_preview)
+                    previews = dict(on_preview=lambda p, w=writer: write_preview(w.dir, p), preview_every=args.preview_every)
+                for batch in engine.render(r, on_step=on_step, stats=stats, **previews):
+                    for item in batch:
+                        written += writer.add(item.image, item.seed, meta=item.meta) is not None
+                    overall.update(len(batch))
+            if writer:
+                writer.finish()
+                dirs.append(str(writer.dir))
+                if getattr(args, "control_save_map", False) and r.controls and writer.written:
+                    from ..engine.control import save_maps
 
-                for path in save_maps(r, writer.dir, writer.written[0].stem):
-                    log(f"control map: {path}")
-    overall.close()
+                    for path in save_maps(r, writer.dir, writer.written[0].stem):
+                        log(f"control map: {path}")
+    finally:
+        overall.close()
     figures = stats.figures(spec.device, first.width, first.height)
     for line in stats.notes():
         warn(line)

@@ -190,6 +190,7 @@ def prepare(spec, worker, requests: list, model: dict, options: Options, precisi
     from ..outputs.manifest import settings_key
     from ..outputs.writer import metadata
 
+    import_ray()  # Ray not installed: one line before the output folder is made
     check_outdir(options.outdir)
     planner = Engine(worker)
     for r in requests:
