@@ -123,9 +123,7 @@ def test_ui_hires_section_and_live_preview(tmp_path):
     with gr.Blocks():
         c = controls("txt2img", with_defaults(Request("", kind="txt2img"), True), "default")
         results(c)
-    v = {w: w.value for w in (c.prompt, c.negative_prompt, c.sampler, c.karras, c.steps, c.scale, c.width, c.height,
-                              c.seed, c.n_iter, c.n_samples, c.memory, c.clip_skip, c.pad_conds, c.prompt_syntax,
-                              c.watermark, c.preview_every, *c.hires.values())}
+    v = {w: w.value for w in c.inputs()}
     v.update({c.prompt: "a red circle", c.seed: 4, c.steps: 4, c.n_samples: 1, c.preview_every: 2,
               c.hires["enable"]: True, c.hires["hr_scale"]: 1.5, c.hires["hr_steps"]: 4.0})
     r = studio.request(c, v)

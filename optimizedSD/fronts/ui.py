@@ -72,6 +72,14 @@ class Controls:
     preview: gr.Image = None  # the image forming
     controlnet: list = field(default_factory=list)  # ui_controlnet.Unit per ControlNet unit
 
+    def inputs(self) -> set:
+        """The widgets whose values make a request (`Studio.request` reads them by widget)."""
+        return {x for x in (self.prompt, self.negative_prompt, self.sampler, self.karras, self.steps, self.scale,
+                            self.width, self.height, self.seed, self.n_iter, self.n_samples, self.memory, self.strength,
+                            self.image, self.mask, self.clip_skip, self.pad_conds, self.prompt_syntax, self.watermark,
+                            self.preview_every, *self.hires.values(), *(w for u in self.controlnet for w in u.inputs()))
+                if x is not None}
+
     def fillable(self) -> list[tuple[str, gr.components.Component]]:
         """(field, widget) of each `FILLED` field this tab has."""
         return [(name, getattr(self, name)) for name in FILLED if getattr(self, name) is not None]
@@ -385,11 +393,7 @@ def opened(path: str) -> Image.Image:
 
 def wire(studio: Studio, c: Controls, tabs: dict[str, Controls], tab_set: gr.Tabs) -> None:
     """Generate, Interrupt, picking a result, and sending it to the image tabs."""
-    inputs = {x for x in (c.prompt, c.negative_prompt, c.sampler, c.karras, c.steps, c.scale, c.width, c.height,
-                          c.seed, c.n_iter, c.n_samples, c.memory, c.strength, c.image, c.mask, c.clip_skip,
-                          c.pad_conds, c.prompt_syntax, c.watermark, c.preview_every, *c.hires.values(),
-                          *(w for u in c.controlnet for w in u.inputs()))
-              if x is not None}
+    inputs = c.inputs()
 
     def run(values: dict, request: gr.Request, progress=gr.Progress()):
         gallery, saved, status = studio.generate(c, values, request.session_hash, progress)
