@@ -359,6 +359,9 @@ def test_bad_hires_and_controlnet_fields_are_422_naming_the_field(server):
         r = unit(**change)
         assert r.status_code == 422 and r.json()["field"] == f"{where}.{field}", (change, r.json())
     assert "openpose" in unit(module="openpose").json()["detail"]
+    r = post(**hires, alwayson_scripts={"controlnet": {"args": [good]}})
+    assert r.status_code == 422 and r.json()["field"] == "enable_hr", r.json()
+    assert "turn it off (enable_hr)" in r.json()["detail"]
     r = post(alwayson_scripts={"controlnet": {"args": "no"}})
     assert r.status_code == 422 and r.json()["field"] == "alwayson_scripts.controlnet.args"
     # other scripts, and a unit not enabled: ignored, said in info

@@ -307,7 +307,7 @@ def _sd2_controlnet(tiny_model, tmp_path):
     return path
 
 
-@pytest.mark.parametrize("case", ["lora", "checkpoint", "missing image", "window", "sd2", "image unreadable"])
+@pytest.mark.parametrize("case", ["lora", "checkpoint", "missing image", "window", "sd2", "image unreadable", "hires"])
 def test_bad_input_is_one_line_and_nothing_written(tiny_model, tmp_path, capsys, case):
     from test_cli import run_cli, tiny_args
 
@@ -323,6 +323,9 @@ def test_bad_input_is_one_line_and_nothing_written(tiny_model, tmp_path, capsys,
         "sd2": (["--controlnet", _sd2_controlnet(tiny_model, tmp_path), "--control_image", image],
                 "is a ControlNet for SD 2.x (cross-attention width 1024)"),
         "image unreadable": (["--controlnet", good, "--control_image", tmp_path / "nope.png"], "control image"),
+        "hires": (["--controlnet", good, "--control_image", image, "--hr_scale", "2"],
+                  "the hires fix does not work with ControlNet yet; turn it off (--hr_scale / --hr_resize_x / "
+                  "--hr_resize_y)"),
     }[case]
     out = tmp_path / "out"
     code, _, err = run_cli(tiny_args(tiny_model, out, "--prompt", "a fox", *flags), capsys)

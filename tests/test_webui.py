@@ -9,6 +9,7 @@ OPTIMIZEDSD_REQUIRE_BROWSER=1 (as in .ci/run), which makes that a failure.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import io
 import os
@@ -139,11 +140,19 @@ def server(tmp_path_factory):
             "img2img": cli("img2img", tmp / "cli", "--prompt", I2I["prompt"], "--seed", I2I["seed"],
                            "--init-img", init, "--strength", I2I["strength"]),
             "custom": cli("txt2img", tmp / "cli", "--prompt", CUSTOM["prompt"], "--seed", CUSTOM["seed"], *custom)}
+    with running_ui(["--ckpt", ckpt, "--outdir", tmp / "ui", *custom], tmp, runs) as (url, log):
+        yield dict(url=url, ui=tmp / "ui", cli=tmp / "cli", init=init, tmp=tmp, counter=counter,
+                   opens_at_start=counter.opens(), log=log)
+
+
+@contextlib.contextmanager
+def running_ui(args: list, tmp, runs: dict):
+    """`webui.py --demo --device cpu ARGS` on a free port, up (its "serving on" line seen), with the CLI
+    runs `runs` (started beside it) finished: yields (its URL, the lines it printed); stopped after."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(ROOT / "optimizedSD" / "webui.py"), "--demo", "--device", "cpu",
-                             "--ckpt", str(ckpt), "--port", str(port), "--outdir", str(tmp / "ui"), *map(str, custom)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**env(), "GRADIO_TEMP_DIR": str(tmp / "gradio")})
+                             "--port", str(port), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**env(), "GRADIO_TEMP_DIR": str(tmp / "gradio")})
     lines: queue.Queue = queue.Queue()
     log: list[str] = []
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
@@ -161,8 +170,7 @@ def server(tmp_path_factory):
         out, _ = run.communicate(timeout=300)
         assert run.returncode == 0, f"{kind} CLI failed:\n{out}"
     try:
-        yield dict(url=f"http://127.0.0.1:{port}/", ui=tmp / "ui", cli=tmp / "cli", init=init, tmp=tmp,
-                   counter=counter, opens_at_start=counter.opens(), log=log)
+        yield f"http://127.0.0.1:{port}/", log
     finally:
         proc.terminate()
         proc.wait(timeout=30)

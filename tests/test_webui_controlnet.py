@@ -9,19 +9,14 @@ The helpers (browser, pages, waiting for a run) are test_webui.py's.
 from __future__ import annotations
 
 import io
-import queue
 import re
-import subprocess
-import sys
-import threading
-import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from test_webui import ROOT, STEPS, browser, cli, env, fill, free_port, open_page, pixels, shown, slug_dir, tab, \
+from test_webui import ROOT, STEPS, browser, cli, fill, open_page, pixels, running_ui, shown, slug_dir, tab, \
     wait_done  # noqa: F401 - browser is a fixture
 from playwright.sync_api import expect
 
@@ -77,32 +72,8 @@ def server(tmp_path_factory):
                              "--clip_skip", 2),
             "hires": cli("txt2img", tmp / "cli", "--prompt", HIRES["prompt"], "--seed", HIRES["seed"],
                          "--hr_scale", HIRES["scale"], "--hr_steps", HIRES["steps"], "--hr_denoise", HIRES["denoise"])}
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "optimizedSD" / "webui.py"), "--demo", "--device", "cpu",
-                             "--port", str(port), "--outdir", str(tmp / "ui"), "--controlnet-dir", str(net.parent)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**env(), "GRADIO_TEMP_DIR": str(tmp / "gradio")})
-    lines: queue.Queue = queue.Queue()
-    log: list[str] = []
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Empty:
-            proc.kill()
-            pytest.fail("the web UI did not start in 240 s:\n" + "".join(log))
-        log.append(line)
-        if line.startswith("serving on "):
-            break
-    for kind, run in runs.items():
-        out, _ = run.communicate(timeout=300)
-        assert run.returncode == 0, f"{kind} CLI failed:\n{out}"
-    try:
-        yield dict(url=f"http://127.0.0.1:{port}/", ui=tmp / "ui", cli=tmp / "cli", image=image, net=net)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with running_ui(["--outdir", tmp / "ui", "--controlnet-dir", net.parent], tmp, runs) as (url, _):
+        yield dict(url=url, ui=tmp / "ui", cli=tmp / "cli", image=image, net=net)
 
 
 def unit(page, kind: str = "txt2img", i: int = 0):
@@ -165,6 +136,43 @@ def test_controlnet_render_gives_the_clis_image_and_parameters(browser, server):
         b.get_by_label("Model", exact=True).click()
         expect(page.get_by_role("option", name=server["net"].name, exact=True)).to_be_visible()
         page.keyboard.press("Escape")
+    page.context.close()
+
+
+def test_png_info_fills_the_controlnet_unit_and_hires_fix(browser, server):
+    """Send to txt2img from PNG info ticks Unit 0 with the PNG's model, module and settings (the control
+    image is not in a PNG: the notes say to give it again), and a hires image ticks Hires. fix."""
+    page = open_page(browser, server)
+    name = f"seed_{CN['seed']}_00000.png"
+    panel = tab(page, "PNG info")
+    panel.locator("input[type=file]").set_input_files(str(slug_dir(server["cli"], CN["prompt"]) / name))
+    expect(panel.get_by_label("Parameters", exact=True)).to_have_value(re.compile("^" + re.escape(CN["prompt"])))
+    panel.get_by_role("button", name="Send to txt2img").click()
+    expect(panel.get_by_label("Notes", exact=True)).to_have_value(re.compile("control image is not in the PNG"))
+    t = page.get_by_role("tabpanel")
+    expect(t.get_by_label("Prompt", exact=True)).to_have_value(CN["prompt"])
+    box = unit(page)
+    expect(box.get_by_label("Enable", exact=True)).to_be_checked()
+    expect(box.get_by_label("Model", exact=True)).to_have_value(server["net"].name)
+    expect(box.get_by_label("Preprocessor", exact=True)).to_have_value("canny")
+    expect(box.get_by_label("My prompt is more important", exact=True)).to_be_checked()
+    for label, value in {"Control Weight": CN["weight"], "Ending Control Step": CN["end"],
+                         "Low Threshold": CN["low"], "High Threshold": CN["high"]}.items():
+        expect(box.get_by_role("spinbutton", name=f"number input for {label}", exact=True)).to_have_value(str(value))
+    t.get_by_text("Hires. fix", exact=True).first.click()  # open the section
+    expect(t.get_by_role("checkbox", name="Hires. fix", exact=True)).not_to_be_checked()
+
+    panel = tab(page, "PNG info")  # a hires image: Hires. fix ticked with its settings, the unit unticked
+    panel.locator("input[type=file]").set_input_files(str(slug_dir(server["cli"], HIRES["prompt"]) /
+                                                          f"seed_{HIRES['seed']}_00000.png"))
+    expect(panel.get_by_label("Parameters", exact=True)).to_have_value(re.compile("^" + re.escape(HIRES["prompt"])))
+    panel.get_by_role("button", name="Send to txt2img").click()
+    t = page.get_by_role("tabpanel")
+    expect(t.get_by_label("Prompt", exact=True)).to_have_value(HIRES["prompt"])
+    expect(unit(page).get_by_label("Enable", exact=True)).not_to_be_checked()
+    expect(t.get_by_role("checkbox", name="Hires. fix", exact=True)).to_be_checked()
+    expect(t.get_by_role("spinbutton", name=re.compile("^(number input for )?Hires steps$"))).to_have_value(
+        str(HIRES["steps"]))
     page.context.close()
 
 

@@ -236,6 +236,9 @@ def complete_controls(r, cfg, labels: dict, read: bool = True):
     def L(name):
         return labels.get(f"control_{name}", CLI_LABELS[f"control_{name}"])
 
+    if r.controls and (getattr(r, "hr_scale", None) or getattr(r, "hr_resize_x", 0) or getattr(r, "hr_resize_y", 0)):
+        raise ControlError("the hires fix does not work with ControlNet yet; turn it off "
+                           f"({labels.get('hires', 'its settings')}) or leave out the ControlNet")
     units = []
     for i, u in enumerate(r.controls):
         which = f"ControlNet {i}" if len(r.controls) > 1 else "ControlNet"
@@ -262,8 +265,6 @@ def complete_controls(r, cfg, labels: dict, read: bool = True):
                 raise ControlError(f"{which}: {L(name)} must be a number from 0 to 255, got {v!r}")
         if u.image is None:
             raise ControlError(f"{which} needs a control image; give {L('image')}")
-        if getattr(r, "hr_scale", None) or getattr(r, "hr_resize_x", 0) or getattr(r, "hr_resize_y", 0):
-            raise ControlError("ControlNet with the hires fix is not supported yet; leave out --hr_scale / --hr_resize")
         name = u.image_name or (Path(u.image).name if isinstance(u.image, (str, Path)) else None)
         try:
             image = u.image if isinstance(u.image, Image.Image) else open_image(u.image, "control image")

@@ -29,6 +29,8 @@ from PIL import Image
 RESIZE_MODES = {"just resize": "Just Resize", "crop and resize": "Crop and Resize",
                 "resize and fill": "Resize and Fill"}  # ours -> the webui's label
 PREPROCESSORS = ("none", "canny", "invert")
+# ours -> the ControlNet extension's name for it (its UI and its /controlnet/module_list?alias_names=true)
+PREPROCESSOR_LABELS = {"none": "none", "canny": "canny", "invert": "invert (from white bg & black line)"}
 CANNY_SHIFT = 15
 TG22 = int(0.4142135623730950488016887242097 * (1 << CANNY_SHIFT) + 0.5)  # tan(22.5 deg), fixed point
 

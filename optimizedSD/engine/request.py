@@ -49,9 +49,11 @@ WATERMARK_MIN_PIXELS = 256 * 256  # imwatermark refuses smaller images ("image t
 
 # The hires fix's fields (engine/hires.py), as the CLI and the browser UI name them.
 CLI_LABELS.update(hr_scale="--hr_scale", hr_upscaler="--hr_upscaler", hr_steps="--hr_steps",
-                  hr_denoise="--hr_denoise", hr_resize_x="--hr_resize_x", hr_resize_y="--hr_resize_y")
+                  hr_denoise="--hr_denoise", hr_resize_x="--hr_resize_x", hr_resize_y="--hr_resize_y",
+                  hires="--hr_scale / --hr_resize_x / --hr_resize_y")
 UI_LABELS.update(hr_scale="Upscale by", hr_upscaler="Upscaler", hr_steps="Hires steps",
-                 hr_denoise="Hires denoising strength", hr_resize_x="Resize width to", hr_resize_y="Resize height to")
+                 hr_denoise="Hires denoising strength", hr_resize_x="Resize width to", hr_resize_y="Resize height to",
+                 hires="Hires. fix")
 
 
 class RequestError(ValueError):

@@ -38,7 +38,7 @@ from PIL import Image, ImageOps
 from pydantic import ValidationError
 
 from ..engine.control import CONTROL_MODES, ControlUnit, control_metadata, controlnet_files
-from ..engine.control_images import PREPROCESSORS, RESIZE_MODES
+from ..engine.control_images import PREPROCESSOR_LABELS, PREPROCESSORS, RESIZE_MODES
 from ..engine.customize import lora_names
 from ..engine.hires import UPSCALERS, hires_metadata, wanted
 from ..engine.engine import Cancelled, Engine
@@ -64,12 +64,11 @@ OTHER_SCHEDULERS = {"uniform", "exponential", "polyexponential", "sgm_uniform", 
 HIRES_DENOISE = 0.75  # the webui's txt2img `denoising_strength` default (StableDiffusionProcessingTxt2Img)
 # The ControlNet extension's labels besides ours (engine/control.py, control_images.py): its resize modes by
 # number (`resize_mode_from_value`: 3, the old "Just Resize (Latent upscale)", is Just Resize) and its old
-# names, its control modes by number, its preprocessor labels.
+# names, its control modes by number.
 CONTROL_RESIZE_ALIASES = {"inner fit (scale to fit)": "crop and resize", "scale to fit (inner fit)": "crop and resize",
                           "outer fit (shrink to fit)": "resize and fill", "envelope (outer fit)": "resize and fill"}
 CONTROL_RESIZE_NUMBERS = {0: "just resize", 1: "crop and resize", 2: "resize and fill", 3: "just resize"}
 CONTROL_MODE_NUMBERS = {0: "balanced", 1: "prompt", 2: "control"}
-PREPROCESSOR_LABELS = {"none": "none", "canny": "canny", "invert": "invert (from white bg & black line)"}
 CANNY_SLIDERS = ((1, 255, 100, "Low Threshold"), (1, 255, 200, "High Threshold"))  # the extension's canny
 
 

@@ -19,7 +19,7 @@ from ..engine.request import CLI_LABELS
 # the API has no name for keeps the Request's.
 _NAMES = {"n_samples": "batch_size", "sampler": "sampler_name", "karras": "scheduler", "scale": "cfg_scale",
           "strength": "denoising_strength", "init_image": "init_images", "clip_skip": "CLIP_stop_at_last_layers",
-          "hr_steps": "hr_second_pass_steps", "hr_denoise": "denoising_strength"}
+          "hr_steps": "hr_second_pass_steps", "hr_denoise": "denoising_strength", "hires": "enable_hr"}
 API_LABELS = {field: _NAMES.get(field, field) for field in CLI_LABELS}
 # A ControlNet unit's fields as the extension's API names them (`engine.control.CLI_LABELS`' keys); kept apart
 # from API_LABELS, whose labels are looked for in every message (`api.field_of`): "image", "model" are common words.

@@ -117,9 +117,10 @@ def build_parser(kind: str = "txt2img") -> argparse.ArgumentParser:
     a("--json", action="store_true", help="print the run's figures (memory per phase, timings) as one JSON object")
     a("--precision", type=str, default=None, choices=["autocast", "upcast", "full", "bf16"],
       help="autocast: fp16 weights and autocast on CUDA; upcast: fp16 weights, each layer computed in fp32 "
-           "(about fp16's memory, no fp16 overflow); full: fp32 (the CPU and MPS always run fp32 unless bf16); "
-           "bf16 (CPU only): bf16 weights and CPU autocast, faster where the CPU has AMX/AVX512-BF16, not exact. "
-           "Default: upcast on GTX 16xx cards (their fp16 gives black images), else autocast")
+           "(about fp16's memory, no fp16 overflow); full: fp32, exact (MPS and CPUs without native bf16 run fp32 "
+           "unless bf16); bf16 (CPU only): bf16 weights and CPU autocast, about 3x faster where the CPU has "
+           "AMX/AVX512-BF16, not exact. Default: bf16 on such CPUs (the run says so), upcast on GTX 16xx cards "
+           "(their fp16 gives black images), else autocast")
     a("--device", type=str, default=None,
       help="cuda, cuda:N, mps or cpu (default: cuda if available, else mps, else cpu); meta: plan a CUDA run "
            "shape-only (no checkpoint read, no image written) and print its peak device memory per phase")

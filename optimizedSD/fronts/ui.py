@@ -211,16 +211,23 @@ def editor_image_and_mask(editor: dict | None, upload: Image.Image | None) -> tu
 
 
 def fill(c: Controls, text: str | None) -> tuple[list, list[str]]:
-    """Updates for the widgets of `c.fillable()` from a `parameters` text (a field it lacks stays as it
-    is), and notes on what it holds that is not ours."""
+    """Updates for `widgets(c)` from a `parameters` text (a field it lacks stays as it is; Hires. fix and
+    the ControlNet units are set as the text says, on or off), and notes on what it holds that is not ours."""
     if not text:
-        return [gr.update() for _ in c.fillable()], ["no parameters in this image"]
+        return [gr.update() for _ in widgets(c)], ["no parameters in this image"]
     fields, notes = request_fields(parse(text))
-    return [gr.update(value=fields[name]) if name in fields else gr.update() for name, _ in c.fillable()], notes
+    updates = [gr.update(value=fields[name]) if name in fields else gr.update() for name, _ in c.fillable()]
+    if c.hires:
+        on = any(name.startswith("hr_") for name in fields)
+        given = {"enable": on, **({"hr_resize_x": 0, "hr_resize_y": 0} if on else {}), **fields}
+        updates += [gr.update(value=given[name]) if name in given else gr.update() for name in c.hires]
+    updates += ui_controlnet.fill(c.controlnet, fields.get("controls", ()), notes)
+    return updates, notes
 
 
 def widgets(c: Controls) -> list:
-    return [widget for _, widget in c.fillable()]
+    """The widgets `fill` sets, in its order."""
+    return [*(widget for _, widget in c.fillable()), *c.hires.values(), *ui_controlnet.filled(c.controlnet)]
 
 
 def controls(kind: str, defaults: Request, memory: str, loras: list[str] = (), embeddings: list[str] = (),

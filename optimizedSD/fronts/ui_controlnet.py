@@ -14,18 +14,17 @@ labels: `LABELS`), so the page holds no rule of its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 
 from ..engine.control import CONTROL_MODES, ControlUnit, UI_LABELS as CONTROL_LABELS, controlnet_files
-from ..engine.control_images import PREPROCESSORS, RESIZE_MODES, control_map
+from ..engine.control_images import PREPROCESSOR_LABELS, PREPROCESSORS, RESIZE_MODES, control_map
 from ..engine.inputs import InputError, open_image, to_rgb
 from ..engine.request import UI_LABELS
 
 UNITS = 2  # ControlNet Unit 0 and Unit 1
 LABELS = {**UI_LABELS, **CONTROL_LABELS}  # the page's field names in the engine's messages
-# our preprocessor -> the extension's name for it
-PREPROCESSOR_LABELS = {"none": "none", "canny": "canny", "invert": "invert (from white bg & black line)"}
 DEFAULTS = ControlUnit(model="")
 
 
@@ -96,6 +95,35 @@ def controls(units: list[Unit], v: dict) -> tuple[ControlUnit, ...]:
                              mode=v[u.mode], preprocessor=v[u.preprocessor], low=whole(v[u.low]),
                              high=whole(v[u.high]), resize=v[u.resize])
                  for u in units if v[u.enable])
+
+
+FILLED = ("enable", "preprocessor", "model", "weight", "start", "end", "low", "high", "mode", "resize")
+
+
+def filled(units: list[Unit]) -> list:
+    """The widgets `fill` sets, in its order: `FILLED` of each unit (not its image, which no PNG holds)."""
+    return [getattr(u, name) for u in units for name in FILLED]
+
+
+def fill(units: list[Unit], given: tuple[ControlUnit, ...], notes: list[str]) -> list:
+    """Updates for `filled(units)` from the `ControlUnit`s a PNG's parameters give (`infotext.request_fields`):
+    unit i shows the i-th, ticked, its model picked by name from the Model list; the units past them are
+    unticked. A model that is not in the list, and units past the page's, are added to `notes`."""
+    updates = []
+    for i, u in enumerate(units):
+        if i >= len(given):
+            updates += [gr.update(value=False), *(gr.update() for _ in FILLED[1:])]
+            continue
+        g = given[i]
+        paths = [value for _, value in u.model.choices if Path(value).stem == g.model or Path(value).name == g.model]
+        if not paths:
+            notes.append(f"ControlNet {i}: model {g.model!r} is not in the Model list; pick one (the server's "
+                         "ControlNet folders)")
+        values = dict(enable=True, model=paths[0] if paths else None, **{name: getattr(g, name) for name in FILLED[3:]},
+                      preprocessor=g.preprocessor)
+        updates += [gr.update(value=values[name]) for name in FILLED]
+    notes += [f"ControlNet {i}: the page has {len(units)} units; left out" for i in range(len(units), len(given))]
+    return updates
 
 
 def whole(x):
