@@ -82,6 +82,9 @@ def main(argv=None) -> int:
     p.add_argument("--openvino-python", default="/tmp/ov-venv/bin/python",
                    help="--vs-openvino: the Python of the separate venv holding optimum-intel (default /tmp/ov-venv/bin/python)")
     p.add_argument("--images", type=int, default=3, help="--vs-sdcpp/--vs-openvino: images of the warm process (default 3)")
+    p.add_argument("--only", metavar="TOOL:PRECISION", action="append", default=None,
+                   help="--vs-sdcpp/--vs-openvino: measure only these rows (repeatable, e.g. --only sdcpp:q8_0 "
+                        "--only ours:bf16); TOOL is ours, sdcpp or openvino; default: every precision of each tool")
     p.add_argument("--random-ckpt", metavar="PATH", default=None,
                    help="--vs-sdcpp/--vs-openvino: first write a full-size random SD v1 checkpoint (original layout) to PATH")
     p.add_argument("--lora", metavar="FILE", default=None,
@@ -95,8 +98,15 @@ def main(argv=None) -> int:
         if args.images < 1 or (args.steps or 4) < 1:
             p.error("--images and --steps must be at least 1")
         tools = [t for t, on in (("sdcpp", args.vs_sdcpp), ("openvino", args.vs_openvino)) if on]
+        only = None
+        if args.only:
+            only = [tuple(o.split(":", 1)) for o in args.only]
+            bad = [o for o, t in zip(args.only, only) if len(t) != 2 or t[1] not in bench_peers.PEERS.get(t[0], ())]
+            if bad:
+                p.error(f"--only {bad[0]}: not a TOOL:PRECISION of " + ", ".join(
+                    f"{t}:{q}" for t, qs in bench_peers.PEERS.items() for q in qs))
         return bench_peers.main(args.ckpt, tools, args.sizes[0], args.steps or 4, args.images, args.openvino_python,
-                                args.random_ckpt, args.json, config=args.config)
+                                args.random_ckpt, args.json, config=args.config, only=only)
     if args.vs_diffusers:
         from optimizedSD.tools import bench_vs_diffusers
 

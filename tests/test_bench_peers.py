@@ -51,3 +51,17 @@ def test_random_checkpoint_is_in_the_original_layout(tmp_path, monkeypatch):
     assert any(k.startswith("model.diffusion_model.input_blocks.") for k in keys)
     fragments = load_fragments(path, cfg, dtype=torch.float16)
     assert set(fragments) == {"text_encoder", "unet_in", "unet_out", "vae"}
+
+
+def test_only_measures_the_rows_asked_for(capsys):
+    sys.path.insert(0, str(ROOT / "optimizedSD"))
+    import bench
+
+    assert bench.main(["--vs-openvino", "--ckpt", str(ROOT / DEMO_CKPT), "--config", str(ROOT / DEMO_CONFIG),
+                       "--sizes", "64", "--steps", "1", "--images", "1", "--only", "ours:bf16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(r["tool"], r["precision"]) for r in result["rows"]] == [("ours", "bf16")] and result["skipped"] == []
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--vs-sdcpp", "--ckpt", str(ROOT / DEMO_CKPT), "--only", "sdcpp:q4_0"])
+    assert e.value.code == 2
+    assert "--only sdcpp:q4_0: not a TOOL:PRECISION of ours:full" in capsys.readouterr().err

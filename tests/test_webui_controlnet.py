@@ -148,7 +148,6 @@ def test_png_info_fills_the_controlnet_unit_and_hires_fix(browser, server):
     panel.locator("input[type=file]").set_input_files(str(slug_dir(server["cli"], CN["prompt"]) / name))
     expect(panel.get_by_label("Parameters", exact=True)).to_have_value(re.compile("^" + re.escape(CN["prompt"])))
     panel.get_by_role("button", name="Send to txt2img").click()
-    expect(panel.get_by_label("Notes", exact=True)).to_have_value(re.compile("control image is not in the PNG"))
     t = page.get_by_role("tabpanel")
     expect(t.get_by_label("Prompt", exact=True)).to_have_value(CN["prompt"])
     box = unit(page)
@@ -161,6 +160,8 @@ def test_png_info_fills_the_controlnet_unit_and_hires_fix(browser, server):
         expect(box.get_by_role("spinbutton", name=f"number input for {label}", exact=True)).to_have_value(str(value))
     t.get_by_text("Hires. fix", exact=True).first.click()  # open the section
     expect(t.get_by_role("checkbox", name="Hires. fix", exact=True)).not_to_be_checked()
+    notes = tab(page, "PNG info").get_by_label("Notes", exact=True)  # (hidden while txt2img is shown)
+    expect(notes).to_have_value(re.compile("ControlNet 0: the control image is not in the PNG; give it again"))
 
     panel = tab(page, "PNG info")  # a hires image: Hires. fix ticked with its settings, the unit unticked
     panel.locator("input[type=file]").set_input_files(str(slug_dir(server["cli"], HIRES["prompt"]) /
@@ -282,3 +283,27 @@ def test_live_preview_appears_during_the_render(browser, server):
     panel.get_by_role("button", name="Interrupt").click()
     assert wait_done(panel, 29).startswith("interrupted")
     page.context.close()
+
+
+def test_fill_names_a_model_not_in_the_list_and_units_past_the_pages(tmp_path):
+    """`ui_controlnet.fill` without a browser: a PNG's unit whose model the server lacks is ticked with no
+    model and a note; a third unit (the page has two) is left out with a note."""
+    import gradio as gr
+
+    from optimizedSD.engine.control import ControlUnit
+    from optimizedSD.fronts import ui_controlnet
+
+    net = write_controlnet(tmp_path / "ControlNet")
+    with gr.Blocks():
+        units = ui_controlnet.panel("txt2img", [net.parent])
+    given = (ControlUnit("control_tiny_canny", None, weight=0.4), ControlUnit("control_v11p_sd15_openpose", None),
+             ControlUnit("control_tiny_canny", None))
+    notes = []
+    updates = ui_controlnet.fill(units, given, notes)
+    values = [u.get("value", "-") for u in updates]
+    per = len(ui_controlnet.FILLED)
+    first, second = dict(zip(ui_controlnet.FILLED, values[:per])), dict(zip(ui_controlnet.FILLED, values[per:]))
+    assert first["enable"] is True and first["model"] == str(net) and first["weight"] == 0.4
+    assert second["enable"] is True and second["model"] is None
+    assert notes == ["ControlNet 1: model 'control_v11p_sd15_openpose' is not in the Model list; pick one (the "
+                     "server's ControlNet folders)", "ControlNet 2: the page has 2 units; left out"]

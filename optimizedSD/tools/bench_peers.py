@@ -172,13 +172,16 @@ def _warm(seconds: list[float]) -> float | None:
 
 # ---- the comparison ---------------------------------------------------------------------------------
 def compare(ckpt: str, tools: list[str], size: int = 512, steps: int = 4, images: int = 3,
-            openvino_python: str = OPENVINO_PYTHON, log=print, config: str | None = None) -> dict:
+            openvino_python: str = OPENVINO_PYTHON, log=print, config: str | None = None, only=None) -> dict:
     """{"rows": one per tool and precision, "skipped": [one line per peer not installed]}. `config`:
-    ours only (a non-v1 test model; the peers take SD v1 alone)."""
+    ours only (a non-v1 test model; the peers take SD v1 alone). `only`: (tool, precision) pairs to
+    measure, the others left out (default: all of `PEERS`)."""
     if not Path(ckpt).is_file():
         raise BenchError(f"checkpoint not found: {ckpt}")
     ckpt = str(Path(ckpt).resolve())
     rows, skipped = [], []
+    if only:
+        tools = [t for t in tools if any(o[0] == t for o in only)]
     for tool in tools:
         why = missing(tool, openvino_python)
         if why:
@@ -198,6 +201,8 @@ def compare(ckpt: str, tools: list[str], size: int = 512, steps: int = 4, images
             run_child([openvino_python, "-c", OPENVINO_EXPORT, str(folder), str(ov_folder)], work / "export.log")
         for tool in runnable:
             for precision in PEERS[tool]:
+                if only and (tool, precision) not in only:
+                    continue
                 tag = f"{tool}-{precision}"
                 if tool == "ours":
                     one = _ours_one(ckpt, precision, size, steps, str(work / tag), config)
@@ -227,7 +232,7 @@ def format_row(row: dict) -> str:
 
 
 def main(ckpt: str | None, tools: list[str], size: int, steps: int, images: int, openvino_python: str,
-         random_ckpt: str | None, as_json: bool, config: str | None = None) -> int:
+         random_ckpt: str | None, as_json: bool, config: str | None = None, only=None) -> int:
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if as_json else print
     try:
         if random_ckpt:
@@ -237,7 +242,7 @@ def main(ckpt: str | None, tools: list[str], size: int, steps: int, images: int,
             raise BenchError("--vs-sdcpp/--vs-openvino need --ckpt CKPT (original layout) or --random-ckpt PATH")
         if config:
             config = str(Path(config).resolve())
-        result = compare(ckpt, ["ours", *tools], size, steps, images, openvino_python, log, config)
+        result = compare(ckpt, ["ours", *tools], size, steps, images, openvino_python, log, config, only)
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
