@@ -235,9 +235,11 @@ def main(ckpt: str | None, tools: list[str], size: int, steps: int, images: int,
          random_ckpt: str | None, as_json: bool, config: str | None = None, only=None) -> int:
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if as_json else print
     try:
-        if random_ckpt:
-            log(f"writing a full-size random checkpoint to {random_ckpt} ...")
-            ckpt = str(write_random_checkpoint(random_ckpt))
+        if random_ckpt:  # in a child: a parent grown by it would lend its peak RSS to every later child
+            log(f"writing a full-size random checkpoint to {random_ckpt} ...")  # (Linux keeps ru_maxrss over fork)
+            with tempfile.TemporaryDirectory(prefix="bench-peers-") as work:
+                run_child(_python(f"write_random_checkpoint({random_ckpt!r})"), Path(work) / "write.log")
+            ckpt = random_ckpt
         if not ckpt:
             raise BenchError("--vs-sdcpp/--vs-openvino need --ckpt CKPT (original layout) or --random-ckpt PATH")
         if config:
