@@ -70,3 +70,32 @@ def test_bf16_off_the_cpu_is_one_line(tiny_model, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == ("error: --precision bf16 runs on the CPU only, not on --device meta; "
                                  "use --precision autocast (fp16) or full there")
+
+
+@pytest.mark.parametrize("shape", [(2, 320, 64, 64), (1, 640, 17, 9), (3, 64, 8, 8)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_unet_groupnorm_on_bf16_is_the_fp32_norm_rounded_once(shape, channels_last):
+    """GroupNorm32 on a bf16 CPU tensor (ATen's mixed kernel, no copies) gives the reference's fp32
+    GroupNorm (torch.nn.GroupNorm on the fp32 input) rounded to bf16: every value the same or one bf16
+    step away (the statistics are summed in another order), at most 1 in 1000 of them."""
+    from optimizedSD.model.unet import GroupNorm32
+
+    g = torch.Generator().manual_seed(sum(shape))
+    norm = GroupNorm32(32, shape[1])
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[1], generator=g))
+        norm.bias.copy_(torch.randn(shape[1], generator=g))
+    x = (torch.randn(shape, generator=g) * 4 + 2).bfloat16()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    reference = torch.nn.GroupNorm(32, shape[1])
+    reference.load_state_dict(norm.state_dict())
+    with torch.no_grad():
+        want = reference(x.float()).bfloat16()
+        got = norm(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got_autocast = norm(x)
+    for out in (got, got_autocast):
+        assert out.dtype == torch.bfloat16 and out.shape == want.shape
+        steps = (out.contiguous().view(torch.int16).int() - want.contiguous().view(torch.int16).int()).abs()
+        assert steps.max() <= 1 and (steps > 0).float().mean() <= 1e-3, (steps.max(), (steps > 0).float().mean())
