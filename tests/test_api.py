@@ -278,21 +278,26 @@ def test_openapi_docs_and_the_ui_on_the_same_port(server):
     assert requests.get(server["url"] + "/", timeout=30).status_code == 200  # gradio's page (its login form)
 
 
-def test_interrupt_during_a_run_keeps_the_finished_batches(api, server):
+def started(api, ready, **fields):
+    """A webuiapi txt2img (Euler, CFG 3, 64x64, `fields`) running in a thread, polled until `ready(state)`
+    holds for /progress's `state` (within 120 s): (the thread, {"r": its result once joined}, that progress)."""
     result = {}
 
     def run():
-        result["r"] = api.txt2img(prompt=PROMPT, seed=31, sampler_name="Euler", n_iter=4, steps=40, cfg_scale=3,
-                                  width=64, height=64)
+        result["r"] = api.txt2img(prompt=PROMPT, sampler_name="Euler", cfg_scale=3, width=64, height=64, **fields)
     t = threading.Thread(target=run)
     t.start()
     deadline = time.time() + 120
     while True:
         p = api.get_progress()
-        if p["state"]["job_no"] >= 1 and p["state"]["sampling_step"] > 0:
-            break
+        if ready(p["state"]):
+            return t, result, p
         assert time.time() < deadline and t.is_alive()
-        time.sleep(0.05)
+        time.sleep(0.02)
+
+
+def test_interrupt_during_a_run_keeps_the_finished_batches(api, server):
+    t, result, p = started(api, lambda s: s["job_no"] >= 1 and s["sampling_step"] > 0, seed=31, n_iter=4, steps=40)
     assert p["state"]["job"] == "txt2img" and 0 < p["progress"] < 1 and p["current_image"]  # batch 1's image
     api.interrupt()
     t.join(120)
@@ -302,20 +307,8 @@ def test_interrupt_during_a_run_keeps_the_finished_batches(api, server):
 
 
 def test_skip_during_a_batch_of_two_drops_that_batch_and_renders_the_next(api, tmp_path):
-    result = {}
-
-    def run():
-        result["r"] = api.txt2img(prompt=PROMPT, seed=71, sampler_name="Euler", n_iter=2, steps=50, cfg_scale=3,
-                                  width=64, height=64)
-    t = threading.Thread(target=run)
-    t.start()
-    deadline = time.time() + 120
-    while True:
-        p = api.get_progress()
-        if p["state"]["job"] == "txt2img" and p["state"]["job_no"] == 0 and p["state"]["sampling_step"] > 0:
-            break
-        assert time.time() < deadline and t.is_alive()
-        time.sleep(0.02)
+    t, result, _ = started(api, lambda s: s["job"] == "txt2img" and s["job_no"] == 0 and s["sampling_step"] > 0,
+                           seed=71, n_iter=2, steps=50)
     api.skip()
     t.join(120)
     r = result["r"]

@@ -109,6 +109,17 @@ def same_png(ui, ref) -> None:
     assert Image.open(ui).text == Image.open(ref).text  # `parameters` and every other chunk
 
 
+def rendered_like_cli(panel, server, run: dict):
+    """Click Generate, wait for the one image of `run` (its prompt and seed), check it is the CLI's PNG
+    (pixels and text chunks); (the UI's file, the CLI's)."""
+    panel.get_by_role("button", name="Generate").click()
+    assert wait_done(panel, run["seed"]).startswith("wrote 1 image(s)")
+    name = f"seed_{run['seed']}_00000.png"
+    ui, ref = slug_dir(server["ui"], run["prompt"]) / name, slug_dir(server["cli"], run["prompt"]) / name
+    same_png(ui, ref)
+    return ui, ref
+
+
 # ---- the tests -------------------------------------------------------------------------------
 def test_controlnet_render_gives_the_clis_image_and_parameters(browser, server):
     page = open_page(browser, server)
@@ -120,11 +131,7 @@ def test_controlnet_render_gives_the_clis_image_and_parameters(browser, server):
         "Low Threshold": CN["low"], "High Threshold": CN["high"], "Control Weight": CN["weight"],
         "Ending Control Step": CN["end"]})
     box.get_by_label("My prompt is more important", exact=True).check()
-    panel.get_by_role("button", name="Generate").click()
-    assert wait_done(panel, CN["seed"]).startswith("wrote 1 image(s)")
-    name = f"seed_{CN['seed']}_00000.png"
-    ui, ref = slug_dir(server["ui"], CN["prompt"]) / name, slug_dir(server["cli"], CN["prompt"]) / name
-    same_png(ui, ref)
+    ui, ref = rendered_like_cli(panel, server, CN)
     text = Image.open(ui).text["parameters"]
     assert 'ControlNet 0: "Module: canny, Model: control_tiny_canny [' in text
     assert "Weight: 0.7, " in text and "Guidance End: 0.75, " in text and "My prompt is more important" in text
@@ -188,11 +195,7 @@ def test_img2img_with_a_controlnet_gives_the_clis_image(browser, server):
     set_unit(page, box, server["image"], "invert (from white bg & black line)", server["net"].name)
     box.get_by_label("ControlNet is more important", exact=True).check()
     box.get_by_label("Just Resize", exact=True).check()
-    panel.get_by_role("button", name="Generate").click()
-    assert wait_done(panel, I2I["seed"]).startswith("wrote 1 image(s)")
-    name = f"seed_{I2I['seed']}_00000.png"
-    ui = slug_dir(server["ui"], I2I["prompt"]) / name
-    same_png(ui, slug_dir(server["cli"], I2I["prompt"]) / name)
+    ui, _ = rendered_like_cli(panel, server, I2I)
     assert 'ControlNet 0: "Module: invert, ' in Image.open(ui).text["parameters"]
     page.context.close()
 
@@ -240,11 +243,7 @@ def test_clip_skip_slider_gives_the_clis_image(browser, server):
     skip = panel.get_by_role("spinbutton", name="number input for Clip skip", exact=True)
     skip.fill("2")
     skip.press("Enter")
-    panel.get_by_role("button", name="Generate").click()
-    assert wait_done(panel, CLIP_SKIP["seed"]).startswith("wrote 1 image(s)")
-    name = f"seed_{CLIP_SKIP['seed']}_00000.png"
-    ui = slug_dir(server["ui"], CLIP_SKIP["prompt"]) / name
-    same_png(ui, slug_dir(server["cli"], CLIP_SKIP["prompt"]) / name)
+    ui, _ = rendered_like_cli(panel, server, CLIP_SKIP)
     assert "Clip skip: 2" in Image.open(ui).text["parameters"]
     page.context.close()
 
@@ -260,11 +259,7 @@ def test_hires_fix_gives_the_clis_image(browser, server):
         field = panel.get_by_role("spinbutton", name=re.compile(f"^(number input for )?{label}$"))
         field.fill(str(value))
         field.press("Enter")
-    panel.get_by_role("button", name="Generate").click()
-    assert wait_done(panel, HIRES["seed"]).startswith("wrote 1 image(s)")
-    name = f"seed_{HIRES['seed']}_00000.png"
-    ui = slug_dir(server["ui"], HIRES["prompt"]) / name
-    same_png(ui, slug_dir(server["cli"], HIRES["prompt"]) / name)
+    ui, _ = rendered_like_cli(panel, server, HIRES)
     assert Image.open(ui).size == (128, 128) and "Hires upscale: 2" in Image.open(ui).text["parameters"]
     page.context.close()
 

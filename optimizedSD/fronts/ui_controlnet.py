@@ -119,8 +119,7 @@ def fill(units: list[Unit], given: tuple[ControlUnit, ...], notes: list[str]) ->
         if not paths:
             notes.append(f"ControlNet {i}: model {g.model!r} is not in the Model list; pick one (the server's "
                          "ControlNet folders)")
-        values = dict(enable=True, model=paths[0] if paths else None, **{name: getattr(g, name) for name in FILLED[3:]},
-                      preprocessor=g.preprocessor)
+        values = {name: getattr(g, name) for name in FILLED[1:]} | {"enable": True, "model": paths[0] if paths else None}
         updates += [gr.update(value=values[name]) for name in FILLED]
     notes += [f"ControlNet {i}: the page has {len(units)} units; left out" for i in range(len(units), len(given))]
     return updates
