@@ -169,3 +169,23 @@ def _lokr_cp(name, layer, parts):
     for part in ("lokr_w1", "lokr_t2", "lokr_w2_a", "lokr_w2_b"):
         getattr(m, part).data.copy_(parts[part])
     return m
+
+
+def demo_file(path: Path, seed: int = 0) -> Path:
+    """A file for the demo model (weights/demo.safetensors) mixing kinds module by module: LoHa on the first
+    self-attention query and the text encoder's first query, LoKr on the first ResBlock's conv1, DoRA on the
+    first cross-attention key; of visible effect at weight 0.8."""
+    from reference import diffusers_unet, transformers_clip
+    from safetensors.torch import load_file
+
+    from optimizedSD.model.config import SDConfig
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = SDConfig.from_yaml(root / "configs" / "demo.yaml")
+    state = load_file(str(root / "weights" / "demo.safetensors"))
+    unet, text = diffusers_unet(cfg, state), transformers_clip(cfg, state)
+    names = [n for n, _ in unet.named_modules()]
+    first = lambda end: next(n for n in names if n.endswith(end))  # noqa: E731
+    plan = [("unet", first("attn1.to_q"), "loha"), ("unet", first("resnets.0.conv1"), "lokr"),
+            ("unet", first("attn2.to_k"), "dora_out"), ("te", "text_model.encoder.layers.0.self_attn.q_proj", "loha")]
+    return write(path, lycoris_state(unet, text, plan, seed))

@@ -9,6 +9,7 @@ server goes on serving.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import shutil
@@ -69,6 +70,10 @@ def server(tmp_path_factory):
     for name in ("demo", "copy"):
         shutil.copy(DEMO, ckpts / f"{name}.safetensors")
         shutil.copy(ROOT / "configs" / "demo.yaml", ckpts / f"{name}.yaml")
+    (d / "Lora").mkdir()
+    (d / "LyCORIS").mkdir()  # the webui's sibling folder of LyCORIS files
+    from lycoris_files import demo_file
+    demo_file(d / "LyCORIS" / "mix.safetensors")
     (d / "secret.safetensors").write_bytes(b"not for you")
     (ckpts / "outside.safetensors").symlink_to(d / "secret.safetensors")
     port = free_port()
@@ -78,7 +83,7 @@ def server(tmp_path_factory):
         [sys.executable, "optimizedSD/webui.py", "--demo", "--ckpt", str(ckpts / "demo.safetensors"), "--device", "cpu",
          "--api", "--port", str(port), "--outdir", str(out), "--ckpt-dir", str(ckpts),
          "--api-auth", f"{USER}:{PASSWORD}", "--gradio-auth", f"{UI_USER}:{UI_PASSWORD}",
-         "--controlnet_dir", str(d / "ControlNet")],
+         "--controlnet_dir", str(d / "ControlNet"), "--lora_dir", str(d / "Lora")],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
@@ -92,7 +97,8 @@ def server(tmp_path_factory):
             proc.kill()
             pytest.fail("the server did not start:\n" + (d / "server.log").read_text())
         time.sleep(0.5)
-    yield dict(url=url, port=port, out=out, dir=d, ckpts=ckpts, controlnet=d / "ControlNet" / f"{CONTROLNET}.pth")
+    yield dict(url=url, port=port, out=out, dir=d, ckpts=ckpts, controlnet=d / "ControlNet" / f"{CONTROLNET}.pth",
+               lora_dir=d / "Lora")
     proc.terminate()
     try:
         proc.wait(20)
@@ -176,6 +182,24 @@ def test_txt2img_with_enable_hr_equals_the_clis_hires_fix_and_saves_its_paramete
                   "--scale", 3, "--W", 64, "--H", 64, "--n_samples", 1, "--hr_resize_x", 96, "--hr_upscaler", "lanczos",
                   "--hr_denoise", 0.75)
     assert r.image.size == (96, 96) and np.array_equal(pixels(r.image), pixels(want))
+
+
+def test_a_lycoris_file_by_its_lyco_tag_equals_the_clis_image_and_names_its_hash(api, server, tmp_path):
+    """A file mixing LoHa, LoKr and DoRA modules, in the LyCORIS folder beside --lora_dir, asked for by
+    `<lyco:mix:0.8>`: listed by /loras, the CLI's image, and `Lora hashes` in the infotext as the webui writes it."""
+    assert "mix" in [item["name"] for item in api.get_loras()]
+    prompt = f"{PROMPT} <lyco:mix:0.8>"
+    r = api.txt2img(prompt=prompt, seed=71, sampler_name="Euler", **FAST)
+    (want,) = cli("txt2img", tmp_path, "--prompt", prompt, "--seed", 71, "--sampler", "euler", "--ddim_steps", 6,
+                  "--scale", 3, "--W", 64, "--H", 64, "--n_samples", 1, "--lora_dir", server["lora_dir"])
+    (plain,) = cli("txt2img", tmp_path, "--prompt", PROMPT, "--seed", 71, "--sampler", "euler", "--ddim_steps", 6,
+                   "--scale", 3, "--W", 64, "--H", 64, "--n_samples", 1)
+    assert np.array_equal(pixels(r.image), pixels(want))
+    assert not np.array_equal(pixels(want), pixels(plain))  # the file changes the image
+    body = (server["dir"] / "LyCORIS" / "mix.safetensors").read_bytes()
+    body = body[8 + int.from_bytes(body[:8], "little"):]
+    assert f'Lora hashes: "mix: {hashlib.sha256(body).hexdigest()[:12]}"' in r.info["infotexts"][0]
+    assert r.info["infotexts"][0] == Image.open(want).info["parameters"]
 
 
 def test_controlnet_unit_through_webuiapi_equals_the_clis_controlnet(api, server, tmp_path):

@@ -9,6 +9,7 @@ import hashlib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from lora_files import kohya_state, lora_tensors
 from lycoris_files import lycoris_merge, lycoris_state, write
 from reference import (assert_same_image, checkpoint, ddim_scheduler, diffusers_images, diffusers_unet, our_images,
@@ -171,6 +172,37 @@ def test_lyco_tag_lycoris_folder_and_hashes(model, files, tmp_path):
     assert w == 0.8 and lora.name == "my_loha"
     body = data[8 + int.from_bytes(data[:8], "little"):]
     assert custom_metadata(custom, cfg, r)["Lora hashes"] == f"my_loha: {hashlib.sha256(body).hexdigest()[:12]}"
+
+
+def test_lyco_tag_through_the_cli_equals_diffusers_with_lycoris_merged_weights(model, files, tmp_path):
+    """The mixed file, found by `<lyco:mix:0.8>` in the LyCORIS folder beside --lora_dir, through the CLI:
+    its PNG is diffusers' image with lycoris' merge, and its metadata names the file and hash as the webui."""
+    from reference import NEGATIVE, PROMPT, write_yaml_config
+
+    from optimizedSD.fronts.cli import main
+    from optimizedSD.outputs.infotext import read_parameters
+
+    cfg, path = model[0], model[1]
+    file, st, plan = files["mixed"]
+    (tmp_path / "Lora").mkdir()
+    (tmp_path / "LyCORIS").mkdir()
+    (tmp_path / "LyCORIS" / "mix.safetensors").write_bytes(file.read_bytes())
+    out = tmp_path / "out"
+    assert main(["--ckpt", str(path), "--config", str(write_yaml_config(cfg, tmp_path / "tiny.yaml")), "--device", "cpu",
+                 "--H", "64", "--W", "64", "--ddim_steps", "5", "--sampler", "ddim", "--seed", str(SEED), "--n_samples", "1",
+                 "--n_iter", "1", "--scale", "7.5", "--prompt", f"{PROMPT} <lyco:mix:0.8>", "--negative_prompt", NEGATIVE,
+                 "--lora_dir", str(tmp_path / "Lora"), "--outdir", str(out), "--skip_grid"]) == 0
+    (png,) = out.rglob("*.png")
+    clone = (model[0], model[1], {k: v.clone() for k, v in model[2].items()}, model[3])
+    want = diffusers_images(clone, SEED, 64, 64, ddim_scheduler(), steps=5,
+                            prepare=lambda pipe: lycoris_merge(pipe.unet, pipe.text_encoder, plan, st, WEIGHT))[0]
+    with Image.open(png) as im:
+        assert_same_image(np.asarray(im.convert("RGB")).astype(np.int16), want)
+        text = read_parameters(im)
+    body = file.read_bytes()
+    body = body[8 + int.from_bytes(body[:8], "little"):]
+    assert text.startswith(f"{PROMPT} <lyco:mix:0.8>")
+    assert f'Lora hashes: "mix: {hashlib.sha256(body).hexdigest()[:12]}"' in text
 
 
 # ---- refused files ---------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ PROMPT = "a red circle on a blue background, top left"
 I2I = dict(prompt="a green square on a yellow background, bottom right", seed=7, strength=0.5)
 # typed, then a LoRA and an embedding picked: the prompt the CLI is given
 CUSTOM = dict(typed="a purple circle on an orange background", seed=9,
-              prompt="a purple circle on an orange background <lora:inkwash:1> glossy-style")
+              prompt="a purple circle on an orange background <lora:inkwash:1> <lora:mix:1> glossy-style")
 RUN_TIMEOUT = 120_000  # ms a render may take on a loaded CPU
 
 try:
@@ -87,10 +87,12 @@ def picture(path: Path) -> Path:
 
 
 def customizations(tmp: Path) -> tuple[Path, Path]:
-    """(a LoRA folder with a kohya LoRA for the demo model, an embeddings folder with a webui .pt):
-    random weights of visible effect."""
+    """(a LoRA folder with a kohya LoRA for the demo model, an embeddings folder with a webui .pt), and a
+    LyCORIS file mixing LoHa, LoKr and DoRA modules in the LyCORIS folder beside the first: random weights
+    of visible effect."""
     import torch
     from lora_files import TEXT_TARGETS, UNET_TARGETS, kohya_state, lora_tensors, write_kohya
+    from lycoris_files import demo_file
     from safetensors.torch import load_file
 
     from optimizedSD.model.config import SDConfig
@@ -100,6 +102,8 @@ def customizations(tmp: Path) -> tuple[Path, Path]:
     unet, text, _, _ = lora_tensors((cfg, None, state, None), 4, UNET_TARGETS, TEXT_TARGETS, rank=2, alpha=2)
     (tmp / "loras").mkdir()
     write_kohya(tmp / "loras" / "inkwash.safetensors", kohya_state(unet, text, alpha=2))
+    (tmp / "LyCORIS").mkdir()
+    demo_file(tmp / "LyCORIS" / "mix.safetensors")
     (tmp / "embeddings").mkdir()
     vectors = torch.randn(2, cfg.text.hidden_size, generator=torch.Generator().manual_seed(3)) * 0.5
     torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": "glossy-style"},
@@ -306,12 +310,13 @@ def pick(page, panel, label: str, option: str) -> None:
 
 
 def test_lora_and_embedding_pickers_give_the_clis_image(browser, server):
-    """Picking a LoRA and an embedding adds them to the prompt; the image and its metadata (Lora and
+    """Picking a LoRA, a LyCORIS file and an embedding adds them to the prompt; the image and its metadata (Lora and
     TI hashes) are the CLI's with that prompt."""
     page = open_page(browser, server)
     panel = tab(page, "txt2img")
     fill(panel, Prompt=CUSTOM["typed"], Seed=CUSTOM["seed"], Steps=STEPS)
     pick(page, panel, "Add LoRA", "inkwash")
+    pick(page, panel, "Add LoRA", "mix")  # a LyCORIS file, from the LyCORIS folder
     pick(page, panel, "Add embedding", "glossy-style")
     expect(panel.get_by_label("Prompt", exact=True)).to_have_value(CUSTOM["prompt"])
     panel.get_by_role("button", name="Generate").click()
@@ -321,6 +326,7 @@ def test_lora_and_embedding_pickers_give_the_clis_image(browser, server):
     assert np.array_equal(pixels(ui), pixels(ref))
     text = Image.open(ui).text
     assert text == Image.open(ref).text and 'Lora hashes: "inkwash: ' in text["parameters"]
+    assert ", mix: " in text["parameters"]
     assert 'TI hashes: "glossy-style: ' in text["parameters"]
     page.context.close()
 
