@@ -17,7 +17,8 @@ if __name__ == "__main__":  # run as a script: import this folder as the package
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from optimizedSD.fronts.cli import KINDS, Parser, UsageError, add_custom_flags, custom_args, memory_mode  # noqa: E402
+from optimizedSD.fronts.cli import (KINDS, Parser, UsageError, add_custom_flags, add_watermark_flag, custom_args,  # noqa: E402
+                                    memory_mode)
 from optimizedSD.outputs.images import OutputError, check_outdir  # noqa: E402
 from optimizedSD.engine.spec import COMPVIS_CKPT, DEMO_CKPT, resolve_model  # noqa: E402
 from optimizedSD.engine.request import check_memory  # noqa: E402
@@ -55,6 +56,7 @@ def build_parser() -> Parser:
       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network, use --auth)")
     a("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
     a("--auth", type=str, default=None, metavar="USER:PASS", help="ask for this user name and password (gradio's login)")
+    add_watermark_flag(a, server=True)
     add_api_flags(a)  # --api, --nowebui, --listen, --ckpt_dir, --api-auth, --gradio-auth, ... (fronts/api.py)
     return p
 
@@ -112,7 +114,7 @@ def serve(args) -> None:
     engine = Engine(spec, notify=lambda message: print(message, file=sys.stderr, flush=True), taesd=args.taesd)
     print(f"loading {spec.ckpt} on {spec.device} ...", flush=True)
     engine.load()
-    studio = Studio(engine, outdirs, memory_mode(args), controlnet_dirs=args.controlnet_dir)
+    studio = Studio(engine, outdirs, memory_mode(args), controlnet_dirs=args.controlnet_dir, watermark=args.watermark)
     if api_settings is not None:  # one server: the API (and the UI), one engine, one queue
         return serve_api(args, studio, None if args.nowebui else build(studio), api_settings, gradio_auth=auth,
                          model_args=dict(config=args.config, device=args.device, **custom_args(args)))

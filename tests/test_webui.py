@@ -151,7 +151,7 @@ def server(tmp_path_factory):
 
 @contextlib.contextmanager
 def running_ui(args: list, tmp, runs: dict):
-    """`webui.py --demo --device cpu ARGS` on a free port, up (its "serving on" line seen), with the CLI
+    """`webui.py --demo --device cpu ARGS` on a free port, up (its "serving ..." line seen), with the CLI
     runs `runs` (started beside it) finished: yields (its URL, the lines it printed); stopped after."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(ROOT / "optimizedSD" / "webui.py"), "--demo", "--device", "cpu",
@@ -168,7 +168,7 @@ def running_ui(args: list, tmp, runs: dict):
             proc.kill()
             pytest.fail("the web UI did not start in 240 s:\n" + "".join(log))
         log.append(line)
-        if line.startswith("serving on "):
+        if line.startswith(("serving on ", "serving the UI and the API ")):  # with --api: both
             break
     for kind, run in runs.items():
         out, _ = run.communicate(timeout=300)
@@ -220,7 +220,7 @@ def wait_done(panel, seed: int):
     """The status once the run of first seed `seed` has ended (written or interrupted); an error shown
     on the page instead fails the test with its words."""
     status = panel.get_by_label("Status", exact=True)
-    done = re.compile(rf"^(wrote|interrupted)[^\n]*\(seeds {seed}-")
+    done = re.compile(rf"^(wrote|interrupted)[^\n]*\(seeds {seed}-", re.M)  # a line of it: notes may come first
     errors = panel.page.locator(".toast-body")
     deadline = time.monotonic() + RUN_TIMEOUT / 1000
     while time.monotonic() < deadline:

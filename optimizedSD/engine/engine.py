@@ -43,6 +43,12 @@ class Rendered:
     request: Request
     meta: dict = field(default_factory=dict)  # what this image's metadata adds to the request's (safety check)
 
+    @property
+    def flagged_note(self) -> str | None:
+        """The line a front shows for an image the safety checker flagged (None for any other)."""
+        check = self.meta.get("Safety check", "")
+        return f"safety checker: seed {self.seed} flagged ({check})" if check.startswith("flagged") else None
+
 
 @dataclass
 class RunStats:

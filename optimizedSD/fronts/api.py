@@ -402,7 +402,8 @@ class Api:
             n_samples=body.batch_size, n_iter=body.n_iter, sampler=sampler, karras=karras, steps=body.steps,
             scale=body.cfg_scale, eta=eta, width=body.width, height=body.height,
             strength=body.denoising_strength if kind != "txt2img" else None, init_image=init, mask=mask,
-            memory=body.memory or self.studio.memory, unet_bs=body.unet_bs, clip_skip=clip_skip, **extra)
+            memory=body.memory or self.studio.memory, unet_bs=body.unet_bs, clip_skip=clip_skip,
+            watermark=(self.studio.watermark if body.watermark is None else body.watermark.strip() or None), **extra)
         try:
             r = engine.complete(request, labels={**API_LABELS, **CONTROL_LABELS}, notify=notes.append)
             engine.plan(r)
@@ -423,9 +424,11 @@ class Api:
             try:
                 for batch in engine.render(r, on_step=jobs.step, cancel=jobs.cancelled, iterations=[it]):
                     for item in batch:
-                        data = writer.writer.encode(item.image, item.seed)
+                        data = writer.writer.encode(item.image, item.seed, item.meta)
                         if body.save_images:
                             writer.add(item.image, item.seed, data=data)
+                        if item.flagged_note:
+                            notes.append(item.flagged_note)
                         encoded.append(data)
                         seeds.append(item.seed)
                         jobs.current_image = item.image
@@ -944,8 +947,14 @@ def serve(studio, page, *, host: str, port: int, api: Api, gradio_auth=None, log
         page.queue()
         app = gr.mount_gradio_app(app, page, path="", auth=gradio_auth or None, ssr_mode=False, mcp_server=False,
                                   pwa=False, enable_monitoring=False, show_error=False, footer_links=[])
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_keep_alive=30))
     shown = f"[{host}]" if ":" in host else host
-    log(f"serving {'the UI and ' if page is not None else ''}the API ({PREFIX}, docs at /docs) on "
-        f"http://{shown}:{port}; Ctrl-C stops")
-    server.run()
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:  # listening: only now may a client connect (not when the port could not be had)
+                log(f"serving {'the UI and ' if page is not None else ''}the API ({PREFIX}, docs at /docs) on "
+                    f"http://{shown}:{port}; Ctrl-C stops")
+                sys.stdout.flush()
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_keep_alive=30)).run()

@@ -77,6 +77,9 @@ class _Processing(BaseModel):
                                    "(default: the device's)")
     memory: Optional[str] = Field(default=None, description="ours: default, lowvram, turbo or a budget such as "
                                   "2G (default: the server's)")
+    watermark: Optional[str] = Field(default=None, description="ours: the invisible watermark's text (the CompVis "
+                                     "script's dwtDct, e.g. StableDiffusionV1; images of at least 256x256); \"\": "
+                                     "none; default: the server's --watermark")
 
 
 class Txt2ImgRequest(_Processing):

@@ -82,10 +82,7 @@ def build_parser(kind: str = "txt2img") -> argparse.ArgumentParser:
     a("--skip_grid", action="store_true", help="do not save a grid of each prompt's images")
     a("--skip_save", action="store_true", help="do not save the individual images (only the grid)")
     a("--format", type=str, default="png", choices=["png", "jpg"], help="image file format")
-    a("--watermark", nargs="?", const=WATERMARK, default=None, metavar="TEXT",
-      help=f"embed the CompVis reference script's invisible watermark (invisible-watermark, dwtDct) in every image "
-           f"and grid: the bytes of TEXT (default {WATERMARK}); images of at least 256x256; read it back with "
-           "python -m optimizedSD.tools.check_watermark IMG")
+    add_watermark_flag(a)
     a("--sampler", type=str, default=None, choices=sorted(SAMPLERS),
       help="sampling method: ddim, plms (CompVis) or a k-diffusion sampler: " + ", ".join(KSAMPLERS)
            + " (default: plms; ddim with --demo)")
@@ -278,6 +275,17 @@ def add_preview_flags(a) -> None:
            "(default 0: none); a linear latent->RGB approximation, or TAESD with --taesd")
     a("--taesd", type=str, default=None, metavar="PATH",
       help="previews with this TAESD decoder (taesd_decoder.safetensors or .pth of madebyollin/taesd)")
+
+
+def add_watermark_flag(a, server: bool = False) -> None:
+    """--watermark [TEXT]: the commands' (every image and grid) and webui.py's (the default of its pages'
+    Watermark box and of API requests without a `watermark` field)."""
+    where = ("the default of every page's Watermark box and of API requests without a watermark field: "
+             if server else "embed ")
+    a("--watermark", nargs="?", const=WATERMARK, default=None, metavar="TEXT",
+      help=f"{where}the CompVis reference script's invisible watermark (invisible-watermark, dwtDct) in every "
+           f"image and grid: the bytes of TEXT (default {WATERMARK}); images of at least 256x256; read it back "
+           "with python -m optimizedSD.tools.check_watermark IMG")
 
 
 def custom_args(args) -> dict:

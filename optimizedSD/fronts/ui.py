@@ -88,9 +88,11 @@ class Controls:
 class Studio:
     """The server's engine and what its pages ask of it: requests from widgets, renders, files."""
 
-    def __init__(self, engine: Engine, outdirs: dict[str, str], memory: str = "default", controlnet_dirs=()):
+    def __init__(self, engine: Engine, outdirs: dict[str, str], memory: str = "default", controlnet_dirs=(),
+                 watermark: str | None = None):
         self.engine, self.outdirs, self.memory = engine, outdirs, memory
         self.controlnet_dirs = tuple(controlnet_dirs)  # webui.py --controlnet_dir
+        self.watermark = watermark  # webui.py --watermark: the Watermark boxes' and API requests' default payload
         self.jobs = Jobs()  # one render at a time on the engine: UI clicks and API requests (fronts/api.py) alike
         self._cancel: dict[str, threading.Event] = {}  # page (gradio session) -> its Interrupt
         self._previews: dict[str, Image.Image] = {}  # page -> the latest live preview not shown yet
@@ -138,8 +140,7 @@ class Studio:
             for batch in self.engine.render(r, on_step=on_step, cancel=lambda: cancel.is_set() or self.jobs.interrupted(),
                                             stats=stats, **self._preview_args(c, v, session)):
                 saved += [(str(writer.add(item.image, item.seed, meta=item.meta)), item.seed) for item in batch]
-                notes += [f"safety checker: seed {item.seed} flagged ({item.meta['Safety check']})" for item in batch
-                          if item.meta.get("Safety check", "").startswith("flagged")]
+                notes += [item.flagged_note for item in batch if item.flagged_note]
             writer.finish()
         except Cancelled:
             interrupted = True
@@ -285,7 +286,7 @@ def controls(kind: str, defaults: Request, memory: str, loras: list[str] = (), e
     if kind == "txt2img":
         c.hires = hires_section()
     c.controlnet = ui_controlnet.panel(kind, controlnet_dirs)
-    c.watermark = gr.Textbox(label=L["watermark"], value="", placeholder=WATERMARK, max_lines=1,
+    c.watermark = gr.Textbox(label=L["watermark"], value=defaults.watermark or "", placeholder=WATERMARK, max_lines=1,
                              info=f"invisible watermark (the reference script's: {WATERMARK}); empty: none")
     return c
 
@@ -355,7 +356,8 @@ def build(studio: Studio) -> gr.Blocks:
             for kind in ("txt2img", "img2img", "inpaint"):
                 with gr.Tab(TABS[kind], id=kind), gr.Row():
                     with gr.Column():
-                        c = controls(kind, with_defaults(Request("", kind=kind), spec.demo), studio.memory,
+                        c = controls(kind, with_defaults(Request("", kind=kind, watermark=studio.watermark), spec.demo),
+                                     studio.memory,
                                      lora_names(spec.custom.lora_dirs), [e.name for e in spec.custom.embeddings],
                                      " or ".join(str(d) for d in spec.custom.lora_dirs[:2]), studio.controlnet_dirs)
                     with gr.Column():
