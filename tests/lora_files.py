@@ -9,6 +9,7 @@ module), written independently of the code under test.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -113,3 +114,10 @@ def write_random_kohya(path: Path, cfg, rank: int = 16, convs: bool = False, see
         state[f"{name}.lora_up.weight"] = torch.randn((shape[0], rank, *((1, 1) if len(shape) == 4 else ())), generator=g).half()
         state[f"{name}.alpha"] = torch.tensor(rank / 2)
     return write_kohya(path, state)
+
+
+def addnet_hash(path: Path) -> str:
+    """kohya's "addnet" hash of a .safetensors file, as the webui's `Lora hashes` shows it: the first 12 hex
+    digits of the SHA-256 of the bytes after the header (computed here from the file format, not by our code)."""
+    data = Path(path).read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]

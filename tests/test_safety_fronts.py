@@ -9,8 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,23 +16,22 @@ import requests
 import torch
 from PIL import Image
 from test_safety import reference_flags, reference_inputs, reference_scores, tiny_reference
-from test_webui import ROOT, browser, env, fill, open_page, running_ui, tab, wait_done  # noqa: F401 (browser: a fixture)
+from test_webui import STEPS, browser, fill, open_page, running_ui, tab, wait_done  # noqa: F401 (browser: a fixture)
+from test_webui import cli as webui_cli
 
 from optimizedSD.engine.request import WATERMARK
 
 PROMPT = "a red circle on a blue background, top left"
 SEEDS = [20, 21, 22]
-STEPS = 8
 
 
 def cli(tmp, name, *argv) -> list[Image.Image]:
-    """The demo model's images from the CLI (DDIM, CFG 3: the demo's defaults), in seed order; run as the
-    server runs (test_webui's environment: one thread, so that bf16 sums are added in the same order)."""
+    """The demo model's images from the CLI (test_webui's run: the server's environment, one thread, so
+    that bf16 sums are added in the same order), in seed order."""
     out = tmp / name
-    run = subprocess.run([sys.executable, str(ROOT / "optimizedSD" / "optimized_txt2img.py"), "--demo", "--device", "cpu",
-                          "--ddim_steps", str(STEPS), "--outdir", str(out), "--skip_grid", "--prompt", PROMPT,
-                          *map(str, argv)], capture_output=True, text=True, env=env(), timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
+    run = webui_cli("txt2img", out, "--skip_grid", "--prompt", PROMPT, *argv)
+    log, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, log
     return [Image.open(p) for p in sorted(out.rglob("seed_*.png"), key=lambda p: int(p.name.split("_")[1]))]
 
 

@@ -296,6 +296,11 @@ def check_size(width, height, cfg: SDConfig, labels: dict = CLI_LABELS) -> None:
                            f"use at least {side}x{side}")
 
 
+def given_watermark(text: str | None) -> str | None:
+    """The payload a front's watermark text asks for: without the spaces around it; empty: none."""
+    return (text or "").strip() or None
+
+
 def watermark_library() -> str | None:
     """None when the invisible-watermark library (`imwatermark`, with OpenCV and PyWavelets) can be
     imported; else the line that says what to install."""

@@ -43,7 +43,7 @@ from ..engine.customize import lora_names
 from ..engine.hires import UPSCALERS, hires_metadata, wanted
 from ..engine.engine import Cancelled, Engine
 from ..engine.inputs import MAX_INPUT_PIXELS, InputError, open_image
-from ..engine.request import Request, RequestError
+from ..engine.request import Request, RequestError, given_watermark
 from ..engine.spec import resolve_model
 from ..model.paths import CKPT_SUFFIXES, DEMO_CONFIG, ROOT, bases, is_inside, name_problem
 from ..outputs.images import OutputError, ensure_writable
@@ -403,7 +403,7 @@ class Api:
             scale=body.cfg_scale, eta=eta, width=body.width, height=body.height,
             strength=body.denoising_strength if kind != "txt2img" else None, init_image=init, mask=mask,
             memory=body.memory or self.studio.memory, unet_bs=body.unet_bs, clip_skip=clip_skip,
-            watermark=(self.studio.watermark if body.watermark is None else body.watermark.strip() or None), **extra)
+            watermark=self.studio.watermark if body.watermark is None else given_watermark(body.watermark), **extra)
         try:
             r = engine.complete(request, labels={**API_LABELS, **CONTROL_LABELS}, notify=notes.append)
             engine.plan(r)

@@ -24,7 +24,8 @@ from ..outputs.infotext import WEBUI_SAMPLERS, parse, read_parameters, request_f
 from ..outputs.writer import RequestWriter, metadata
 from . import ui_controlnet
 from .jobs import Jobs
-from ..engine.request import MEMORY_MODES, UI_LABELS as L, WATERMARK, Request, RequestError, with_defaults
+from ..engine.request import (MEMORY_MODES, UI_LABELS as L, WATERMARK, Request, RequestError, given_watermark,
+                              with_defaults)
 from ..sampling.samplers import SAMPLERS
 
 RENDER = "render"  # the concurrency id every render shares: one at a time on the device
@@ -113,7 +114,7 @@ class Studio:
                        strength=v[c.strength] if c.strength is not None else None, init_image=image, mask=mask,
                        memory=(v[c.memory] or "").strip(), **text_options(c, v), **hires_options(c, v),
                        controls=ui_controlnet.controls(c.controlnet, v),
-                       watermark=((v[c.watermark] or "").strip() or None) if c.watermark is not None else None)
+                       watermark=given_watermark(v[c.watermark]) if c.watermark is not None else None)
 
     # ---- the render --------------------------------------------------------------------------
     def generate(self, c: Controls, v: dict, session: str, progress) -> tuple[list, list[str], str]:
