@@ -74,10 +74,14 @@ def missing(tool: str, openvino_python: str = OPENVINO_PYTHON) -> str | None:
         if not Path(openvino_python).is_file():
             return (f"OpenVINO: skipped, no Python at {openvino_python} (python -m venv /tmp/ov-venv && "
                     "/tmp/ov-venv/bin/pip install 'optimum-intel[openvino]' diffusers; it brings its own torch)")
-        probe = subprocess.run([openvino_python, "-c", "import optimum.intel, openvino"], capture_output=True)
+        # the pipeline class itself: optimum.intel imports lazily, and a torchvision built for another torch
+        # (pulled in beside the CPU torch file) breaks it only there ("operator torchvision::nms does not exist")
+        probe = subprocess.run([openvino_python, "-c", "import openvino; from optimum.intel import OVStableDiffusionPipeline"],
+                               capture_output=True)
         if probe.returncode:
-            return (f"OpenVINO: skipped, {openvino_python} cannot import optimum.intel and openvino "
-                    f"({openvino_python} -m pip install 'optimum-intel[openvino]' diffusers)")
+            return (f"OpenVINO: skipped, {openvino_python} cannot import optimum.intel's OVStableDiffusionPipeline "
+                    f"({openvino_python} -m pip install 'optimum-intel[openvino]' diffusers; if torchvision is there "
+                    f"and does not match its torch: {openvino_python} -m pip uninstall -y torchvision)")
     return None
 
 
