@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fragments import TEXT_ENCODER, UNET_IN, UNET_OUT
+from .weight_cast import weights_for
 
 FP8 = getattr(torch, "float8_e4m3fn", None)  # torch >= 2.1
 FP8_PARTS = {"unet": (UNET_IN, UNET_OUT), "all": (UNET_IN, UNET_OUT, TEXT_ENCODER)}
@@ -38,15 +39,11 @@ def available() -> bool:
         return False
 
 
-def _same_dtype(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    return t if t is None or t.dtype == x.dtype else t.to(x.dtype)
-
-
 class FP8Linear(nn.Linear):
     """An nn.Linear whose weight is stored in fp8: cast to the input's dtype for each call."""
 
     def forward(self, x):
-        return F.linear(x, _same_dtype(self.weight, x), _same_dtype(self.bias, x))
+        return F.linear(x, *weights_for(self, x))
 
 
 class FP8Conv2d(nn.Conv2d):
@@ -54,7 +51,7 @@ class FP8Conv2d(nn.Conv2d):
     cast keeps the weight's memory format: channels-last stays channels-last)."""
 
     def forward(self, x):
-        return self._conv_forward(x, _same_dtype(self.weight, x), _same_dtype(self.bias, x))
+        return self._conv_forward(x, *weights_for(self, x))
 
 
 _FP8_CLASS = {nn.Linear: FP8Linear, nn.Conv2d: FP8Conv2d}

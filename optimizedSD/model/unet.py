@@ -26,6 +26,7 @@ from torch import nn
 from . import inplace
 from .attention import attention
 from .config import UNetConfig
+from .weight_cast import weights_for
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -163,9 +164,7 @@ class GEGLU(nn.Module):
         # proj's two halves as two products (row slices of its weight: views, and what LoRA patched),
         # so the gate comes out contiguous: gelu on the strided half of one product took 2.5x as long
         # (CPU, 64x64 latents). fp8 storage (model/fp8.py) is cast to the input's dtype first.
-        w, b = self.proj.weight, self.proj.bias
-        if w.dtype.itemsize == 1:
-            w, b = w.to(x.dtype), b.to(x.dtype)
+        w, b = weights_for(self.proj, x)
         n = w.shape[0] // 2
         return inplace.mul(F.gelu(F.linear(x, w[n:], b[n:])), F.linear(x, w[:n], b[:n]))
 
