@@ -11,6 +11,7 @@ meta, is timed before the first row: `planner setup`).
     python optimizedSD/bench.py --vs-diffusers full-fp32.safetensors --runs 3   # CPU, whole process vs diffusers
     python optimizedSD/bench.py --lora film_grain.safetensors     # time and host RAM of a LoRA patch
     python optimizedSD/bench.py --device meta --explain-peak --configs lowvram [--fp8]   # what sets each peak
+    python optimizedSD/bench.py --profile-ops --ckpt full-v1.safetensors --precision bf16   # a warm CPU image, op by op
 
 On `meta` no checkpoint is read and the figures are the planner's; on CPU nothing moves between
 devices, so only the timings mean something.
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--explain-peak", action="store_true",
                    help="instead: (--device meta) for each of --configs and --sizes, the largest tensors live on the "
                         "device at each phase's planned peak (--n_samples images; --rows of them per phase)")
-    p.add_argument("--rows", type=int, default=8, help="--explain-peak: entries per phase (default 8)")
+    p.add_argument("--rows", type=int, default=8, help="--explain-peak: entries per phase; --profile-ops: ops in the table (default 8)")
     p.add_argument("--load", metavar="CKPT", default=None,
                    help="instead: load CKPT into fp16 fragments and report this process's host RAM peak "
                         "against the torch baseline and the fp16 weights (run it in a fresh process)")
@@ -91,7 +92,17 @@ def main(argv=None) -> int:
                    help="instead: read the LoRA FILE, patch the fp16 host weights of the model (--config; "
                         "uninitialised, no checkpoint read) and undo; report the seconds and the host RAM the "
                         "originals of the patched layers hold")
+    p.add_argument("--profile-ops", action="store_true",
+                   help="instead: the torch profiler's op table of one warm CPU image of --ckpt (--config, "
+                        "--precision, --sizes' first, --steps, default 4; --rows ops, every op with --json)")
     args = p.parse_args(argv)
+    if args.profile_ops:
+        from optimizedSD.tools import profile_ops
+
+        if (args.steps or 4) < 1:
+            p.error("--steps must be at least 1")
+        return profile_ops.main(args.ckpt, args.config, args.precision, args.sizes[0], args.steps or 4, args.rows,
+                                args.json)
     if args.vs_sdcpp or args.vs_openvino:
         from optimizedSD.tools import bench_peers
 

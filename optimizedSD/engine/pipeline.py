@@ -69,8 +69,9 @@ def default_precision(device: torch.device) -> tuple[str, str | None]:
     """(precision, a note to print or None) when --precision is not given: "upcast" on a CUDA card
     whose fp16 arithmetic is broken (by name: "GTX 16" always; `FP16_BROKEN_TU117` at compute
     capability 7.5); on a CPU that computes bf16 natively (`native_bf16`) "bf16", as OpenVINO
-    defaults to there (about 3x faster than fp32 on AMX; not the fp32 image: --precision full),
-    unless $OPTIMIZEDSD_CPU_PRECISION names another; else "autocast" (fp32 weights off CUDA)."""
+    defaults to there (about 3x faster than fp32 with AMX, 1.7x with AVX512-BF16 alone; not the fp32
+    image: --precision full), unless $OPTIMIZEDSD_CPU_PRECISION names another; else "autocast" (fp32
+    weights off CUDA)."""
     import os
 
     device = torch.device(device)
@@ -78,7 +79,7 @@ def default_precision(device: torch.device) -> tuple[str, str | None]:
         return os.environ[CPU_PRECISION_ENV], None
     if device.type == "cpu" and native_bf16():
         return "bf16", ("note: this CPU computes bf16 natively (AMX or AVX512-BF16): using --precision bf16 "
-                        "(bf16 weights and arithmetic, about 3x faster, not the exact fp32 image); "
+                        "(bf16 weights and arithmetic, 1.7-3x faster, not the exact fp32 image); "
                         "--precision full for fp32")
     if device.type != "cuda":
         return "autocast", None

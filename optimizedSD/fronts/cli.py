@@ -116,7 +116,7 @@ def build_parser(kind: str = "txt2img") -> argparse.ArgumentParser:
       help="autocast: fp16 weights and autocast on CUDA; upcast: fp16 weights, each layer computed in fp32 "
            "(about fp16's memory, no fp16 overflow); full: fp32, exact (MPS and CPUs without native bf16 run fp32 "
            "unless bf16); bf16 (CPU only): bf16 weights and CPU autocast, about 3x faster where the CPU has "
-           "AMX/AVX512-BF16, not exact. Default: bf16 on such CPUs (the run says so), upcast on GTX 16xx cards "
+           "AMX, 1.7x with AVX512-BF16 alone, not exact. Default: bf16 on such CPUs (the run says so), upcast on GTX 16xx cards "
            "(their fp16 gives black images), else autocast")
     a("--device", type=str, default=None,
       help="cuda, cuda:N, mps or cpu (default: cuda if available, else mps, else cpu); meta: plan a CUDA run "

@@ -1,4 +1,4 @@
-"""Tools for the project rather than for users' images: benchmarks against peers, the demo model's
+"""Tools for the project rather than for users' images: benchmarks against peers, the CPU op profile, the demo model's
 synthetic data and its training script.
 
 May import every layer but the entry scripts.
