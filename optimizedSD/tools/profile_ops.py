@@ -48,9 +48,9 @@ def format_table(result: dict, rows: int) -> str:
     total = sum(r["self_s"] for r in result["ops"]) or 1.0
     lines = [f"one warm {result['size']}² image, {result['steps']} euler step{'s' * (result['steps'] != 1)}, --precision {result['precision']}: "
              f"{result['image_s']:.2f} s (profiled; warm-up image {result['warmup_s']:.2f} s)",
-             f"{'op':48s} {'calls':>6s} {'self s':>8s} {'share':>6s}"]
+             f"{'op':50s} {'calls':>6s} {'self s':>8s} {'share':>6s}"]
     for r in result["ops"][:rows]:
-        lines.append(f"{r['op'][:48]:48s} {r['calls']:6d} {r['self_s']:8.3f} {100 * r['self_s'] / total:5.1f}%")
+        lines.append(f"{r['op'][:50]:50s} {r['calls']:6d} {r['self_s']:8.3f} {100 * r['self_s'] / total:5.1f}%")
     return "\n".join(lines)
 
 
