@@ -3,7 +3,8 @@
 Every strategy computes softmax(q k^T / sqrt(d)) v for q (B, heads, Nq, d), k (B, heads, Nk, d) and
 v (B, heads, Nk, dv), and returns (B, heads, Nq, dv):
 - "sdpa":    torch's scaled_dot_product_attention in one call (flash / memory-efficient kernels on
-             CUDA never materialise the (Nq, Nk) matrix).
+             CUDA never materialise the (Nq, Nk) matrix); bf16 on a CPU with AVX512-BF16 and no AMX
+             goes to our own kernel instead (cpu_attention.py: the same maths, 2-2.5x faster there).
 - "sliced":  loops over the flattened B*heads dimension, `slice_size` rows at a time; each slice
              is plain math on a (slice, Nq, Nk) score block.
 - "chunked": loops over query tokens, `chunk_size` at a time, so the largest temporary is the
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
+
+from . import cpu_attention
 
 STRATEGIES = ("sdpa", "sliced", "chunked")
 DEFAULT_CHUNK = 1024  # query tokens per chunk for "chunked" with neither chunk_size nor a budget
@@ -180,7 +183,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """softmax(q k^T / sqrt(d)) v: (B, h, Nq, d), (B, h, Nk, d), (B, h, Nk, dv) -> (B, h, Nq, dv)."""
     policy = policy or _policy
     if policy.strategy == "sdpa" or (policy.sdpa_if_fused and fused_sdpa(q, k, v)):
-        return _meta_sdpa(q, k, v) if q.is_meta else F.scaled_dot_product_attention(q, k, v)
+        if q.is_meta:
+            return _meta_sdpa(q, k, v)
+        if cpu_attention.handles(q, k, v):  # bf16 on an AVX512-BF16 CPU without AMX
+            return cpu_attention.attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v)
     b, h, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[-1]
     # Flatten B*heads so a slice can cut across both: (B*h, tokens, dim).

@@ -86,23 +86,32 @@ def missing(tool: str, openvino_python: str = OPENVINO_PYTHON) -> str | None:
 
 
 # ---- the children (each a process of its own) ---------------------------------------------------------
-def ours_warm(ckpt: str, precision: str, size: int, steps: int, images: int, config: str | None = None) -> None:
-    """(child) Our engine loaded once, `images` images one after another; prints each one's seconds."""
+def ours_engine(ckpt: str, precision: str, config: str | None = None):
+    """Our engine on the CPU, loaded: `precision` full, bf16 or bf16+fp8 (fp8 storage of the UNet)."""
     from ..engine.engine import Engine
-    from ..engine.request import Request
     from ..engine.spec import resolve_model
 
     precision, _, fp8 = precision.partition("+")
-    engine = Engine(resolve_model(ckpt, config, device="cpu", precision=precision, fp8="unet" if fp8 else None)).load()
-    seconds = []
-    for i in range(images):
-        r = engine.complete(Request(PROMPT, seed=SEED + i, n_samples=1, sampler="euler", steps=steps, scale=SCALE,
-                                    width=size, height=size))
-        start = time.perf_counter()
-        for _ in engine.render(r):
-            pass
-        seconds.append(time.perf_counter() - start)
-    print(json.dumps({"image_seconds": seconds}))
+    return Engine(resolve_model(ckpt, config, device="cpu", precision=precision, fp8="unet" if fp8 else None)).load()
+
+
+def ours_image_seconds(engine, size: int, steps: int, image: int = 0) -> float:
+    """The seconds our loaded `engine` takes to render the benchmark's request (PROMPT, seed SEED + `image`,
+    euler, SCALE) at `size`² in `steps` steps."""
+    from ..engine.request import Request
+
+    request = engine.complete(Request(PROMPT, seed=SEED + image, n_samples=1, sampler="euler", steps=steps,
+                                      scale=SCALE, width=size, height=size))
+    start = time.perf_counter()
+    for _ in engine.render(request):
+        pass
+    return time.perf_counter() - start
+
+
+def ours_warm(ckpt: str, precision: str, size: int, steps: int, images: int, config: str | None = None) -> None:
+    """(child) Our engine loaded once, `images` images one after another; prints each one's seconds."""
+    engine = ours_engine(ckpt, precision, config)
+    print(json.dumps({"image_seconds": [ours_image_seconds(engine, size, steps, i) for i in range(images)]}))
 
 
 def sdcpp_run(ckpt: str, wtype: str, size: int, steps: int, images: int, out: str) -> None:

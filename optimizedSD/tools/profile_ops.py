@@ -12,32 +12,18 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
-from .bench_peers import PROMPT, SCALE, SEED
+from .bench_peers import ours_engine, ours_image_seconds
 
 
 def profile_image(ckpt: str, config: str | None, precision: str, size: int, steps: int) -> dict:
     """{"image_s": the profiled image's seconds, "warmup_s", "ops": [{"op", "calls", "self_s"}, ...] largest first}."""
     from torch.profiler import ProfilerActivity, profile
 
-    from ..engine.engine import Engine
-    from ..engine.request import Request
-    from ..engine.spec import resolve_model
-
-    engine = Engine(resolve_model(ckpt, config, device="cpu", precision=precision)).load()
-    request = engine.complete(Request(PROMPT, seed=SEED, n_samples=1, sampler="euler", steps=steps, scale=SCALE,
-                                      width=size, height=size))
-
-    def render() -> float:
-        start = time.perf_counter()
-        for _ in engine.render(request):
-            pass
-        return time.perf_counter() - start
-
-    warmup = render()
+    engine = ours_engine(ckpt, precision, config)
+    warmup = ours_image_seconds(engine, size, steps)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        seconds = render()
+        seconds = ours_image_seconds(engine, size, steps)
     ops = [dict(op=e.key, calls=e.count, self_s=round(e.self_cpu_time_total / 1e6, 4)) for e in prof.key_averages()]
     ops.sort(key=lambda r: -r["self_s"])
     return dict(precision=precision, size=size, steps=steps, warmup_s=round(warmup, 2), image_s=round(seconds, 2),
