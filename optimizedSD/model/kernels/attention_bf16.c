@@ -20,6 +20,7 @@
 #include <string.h>
 
 #define ROWS 24 /* queries per task: a multiple of every row group below (4, 6, 8) */
+#define QR 4    /* query rows per score tile (with 4 key tiles: 16 accumulators; 6 is no faster) */
 #define INLINE static inline __attribute__((always_inline))
 
 typedef struct {
@@ -86,24 +87,24 @@ static void pack_v(const Job *j, int64_t b, int64_t h, uint16_t *dst) {
     }
 }
 
-/* ---- scores: 4 query rows x NK 16-key tiles ----------------------------------------------------------- */
+/* ---- scores: QR query rows x NK 16-key tiles ----------------------------------------------------------- */
 INLINE void scores_tile(const Job *j, const uint16_t *const *qrow, const uint16_t *kp, float *s, int64_t key0,
                         int NK) {
     int64_t pairs = j->D / 2;
-    __m512 acc[4][4];
-    for (int r = 0; r < 4; r++)
+    __m512 acc[QR][4];
+    for (int r = 0; r < QR; r++)
         for (int c = 0; c < NK; c++) acc[r][c] = _mm512_setzero_ps();
     const uint16_t *tile = kp + (key0 / 16) * pairs * 32;
     for (int64_t p = 0; p < pairs; p++) {
         __m512bh kv[4];
         for (int c = 0; c < NK; c++) kv[c] = (__m512bh)_mm512_loadu_si512(tile + (c * pairs + p) * 32);
-        for (int r = 0; r < 4; r++) {
+        for (int r = 0; r < QR; r++) {
             __m512bh qv = pair(qrow[r] + 2 * p);
             for (int c = 0; c < NK; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qv, kv[c]);
         }
     }
     __m512 scale = _mm512_set1_ps(j->scale);
-    for (int r = 0; r < 4; r++)
+    for (int r = 0; r < QR; r++)
         for (int c = 0; c < NK; c++) _mm512_storeu_ps(s + r * j->Mp + key0 + 16 * c, _mm512_mul_ps(acc[r][c], scale));
 }
 
@@ -129,37 +130,52 @@ static float softmax_row(const Job *j, const float *s, uint16_t *p) {
     return 1.0f / _mm512_reduce_add_ps(sum);
 }
 
-/* ---- output: RG rows x NV 16-dim vectors from vector v0, over every key pair -------------------------- */
+/* ---- output: RG rows x NV 16-dim vectors from vector v0, over every key pair ----------------------------
+ * HALF: the last of them holds 8 dims or fewer (DV = 40: 16 + 16 + 8) and runs on 256-bit registers. */
 INLINE void output_tile(const Job *j, const uint16_t *p, const float *inv, const uint16_t *vp, uint16_t *const *orow,
-                        int rows_left, int64_t v0, int RG, int NV) {
+                        int rows_left, int64_t v0, int RG, int NV, int HALF) {
     __m512 acc[8][6];
-    for (int r = 0; r < RG; r++)
-        for (int c = 0; c < NV; c++) acc[r][c] = _mm512_setzero_ps();
+    __m256 half[8];
+    for (int r = 0; r < RG; r++) {
+        for (int c = 0; c < NV - HALF; c++) acc[r][c] = _mm512_setzero_ps();
+        if (HALF) half[r] = _mm256_setzero_ps();
+    }
     int64_t pairs = j->Mp / 2;
     for (int64_t kp = 0; kp < pairs; kp++) {
         __m512bh vv[6];
+        __m256bh vh;
         const uint16_t *at = vp + (kp * j->NV + v0) * 32;
-        for (int c = 0; c < NV; c++) vv[c] = (__m512bh)_mm512_loadu_si512(at + c * 32);
+        for (int c = 0; c < NV - HALF; c++) vv[c] = (__m512bh)_mm512_loadu_si512(at + c * 32);
+        if (HALF) vh = (__m256bh)_mm256_loadu_si256((const __m256i *)(at + (NV - 1) * 32));
         for (int r = 0; r < RG; r++) {
             __m512bh pv = pair(p + r * j->Mp + 2 * kp);
-            for (int c = 0; c < NV; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], pv, vv[c]);
+            for (int c = 0; c < NV - HALF; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], pv, vv[c]);
+            if (HALF) half[r] = _mm256_dpbf16_ps(half[r], (__m256bh)_mm512_castsi512_si256((__m512i)pv), vh);
         }
     }
     for (int r = 0; r < RG && r < rows_left; r++) {
         __m512 scale = _mm512_set1_ps(inv[r]);
-        for (int c = 0; c < NV; c++) {
+        for (int c = 0; c < NV - HALF; c++) {
             int64_t d0 = (v0 + c) * 16, left = j->DV - d0;
             __mmask16 keep = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
             __m256i out = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][c], scale));
             _mm256_mask_storeu_epi16(orow[r] + d0, keep, out);
+        }
+        if (HALF) {
+            int64_t d0 = (v0 + NV - 1) * 16;
+            __m128i out = (__m128i)_mm256_cvtneps_pbh(_mm256_mul_ps(half[r], _mm512_castps512_ps256(scale)));
+            _mm_mask_storeu_epi16(orow[r] + d0, (__mmask8)((1u << (j->DV - d0)) - 1), out);
         }
     }
 }
 
 static void output_rows(const Job *j, const uint16_t *p, const float *inv, const uint16_t *vp, uint16_t *const *orow,
                         int rows, int64_t v0, int NV) {
-#define TILES(RG_, NV_)                                                                                    \
-    for (int r = 0; r < ROWS; r += RG_) output_tile(j, p + r * j->Mp, inv + r, vp, orow + r, rows - r, v0, RG_, NV_);
+    int half = v0 + NV == j->NV && j->DV % 16 && j->DV % 16 <= 8;
+#define TILES(RG_, NV_)                                                                                         \
+    for (int r = 0; r < ROWS; r += RG_)                                                                         \
+        if (half) output_tile(j, p + r * j->Mp, inv + r, vp, orow + r, rows - r, v0, RG_, NV_, 1);             \
+        else output_tile(j, p + r * j->Mp, inv + r, vp, orow + r, rows - r, v0, RG_, NV_, 0);
     switch (NV) {
     case 1: TILES(8, 1) break;
     case 2: TILES(8, 2) break;
@@ -184,7 +200,7 @@ static void run_task(const Job *j, int64_t task, float *s, uint16_t *p, float *i
         qrow[r] = j->q + b * j->qs[0] + h * j->qs[1] + n * j->qs[2];
         orow[r] = j->o + b * j->os[0] + h * j->os[1] + n * j->os[2];
     }
-    for (int r = 0; r < ROWS; r += 4) {
+    for (int r = 0; r < ROWS; r += QR) {
         int64_t key = 0;
         for (; key + 64 <= j->Mp; key += 64) scores_tile(j, qrow + r, kp, s + r * j->Mp, key, 4);
         for (; key < j->Mp; key += 16) scores_tile(j, qrow + r, kp, s + r * j->Mp, key, 1);
