@@ -12,6 +12,7 @@ meta, is timed before the first row: `planner setup`).
     python optimizedSD/bench.py --lora film_grain.safetensors     # time and host RAM of a LoRA patch
     python optimizedSD/bench.py --device meta --explain-peak --configs lowvram [--fp8]   # what sets each peak
     python optimizedSD/bench.py --profile-ops --ckpt full-v1.safetensors --precision bf16   # a warm CPU image, op by op
+    python optimizedSD/bench.py --attention                          # SD's attention: torch's CPU kernel and ours
 
 On `meta` no checkpoint is read and the figures are the planner's; on CPU nothing moves between
 devices, so only the timings mean something.
@@ -95,7 +96,16 @@ def main(argv=None) -> int:
     p.add_argument("--profile-ops", action="store_true",
                    help="instead: the torch profiler's op table of one warm CPU image of --ckpt (--config, "
                         "--precision, --sizes' first, --steps, default 4; --rows ops, every op with --json)")
+    p.add_argument("--attention", action="store_true",
+                   help="instead: one image's worth of SD v1 attention calls (--sizes' first, --steps, default 4) "
+                        "timed in bf16 on torch's CPU kernel and on ours (model/cpu_attention.py)")
     args = p.parse_args(argv)
+    if args.attention:
+        from optimizedSD.tools import bench_attention
+
+        if (args.steps or 4) < 1:
+            p.error("--steps must be at least 1")
+        return bench_attention.main(args.sizes[0], args.steps or 4, args.json)
     if args.profile_ops:
         from optimizedSD.tools import profile_ops
 
