@@ -95,7 +95,8 @@ def main(argv=None) -> int:
                         "originals of the patched layers hold")
     p.add_argument("--profile-ops", action="store_true",
                    help="instead: the torch profiler's op table of one warm CPU image of --ckpt (--config, "
-                        "--precision, --sizes' first, --steps, default 4; --rows ops, every op with --json)")
+                        "--precision, --sizes' first, --steps, default 4; --rows ops, every op with --json); "
+                        "with --vs-openvino, OpenVINO's per-node profile of its UNet and VAE decoder too")
     p.add_argument("--attention", action="store_true",
                    help="instead: one image's worth of SD v1 attention calls (--sizes' first, --steps, default 4) "
                         "timed in bf16 on torch's CPU kernel and on ours (model/cpu_attention.py)")
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
         if (args.steps or 4) < 1:
             p.error("--steps must be at least 1")
         return profile_ops.main(args.ckpt, args.config, args.precision, args.sizes[0], args.steps or 4, args.rows,
-                                args.json)
+                                args.json, args.vs_openvino, args.openvino_python)
     if args.vs_sdcpp or args.vs_openvino:
         from optimizedSD.tools import bench_peers
 

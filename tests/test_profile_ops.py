@@ -40,14 +40,30 @@ def test_profile_counts_each_convolution_of_one_image(capsys):
     assert calls["aten::conv2d"] == expected
     seconds = [r["self_s"] for r in result["ops"]]
     assert seconds == sorted(seconds, reverse=True) and 0 < sum(seconds) <= result["image_s"] * 1.05
+    # the phases: one UNet evaluation a step (the guided pair in one batch), one decode, one text encoding
+    phases = {p["phase"]: p for p in result["phases"]}
+    assert [phases[k]["calls"] for k in ("text", "unet", "decode")] == [1, STEPS, 1]
+    assert 0 < sum(p["total_s"] for p in phases.values()) <= result["image_s"]
 
 
 def test_profile_table_and_its_bad_input(capsys):
     assert bench_main(["--profile-ops", "--ckpt", str(ROOT / DEMO_CKPT), "--config", str(ROOT / DEMO_CONFIG),
                        "--precision", "full", "--sizes", "64", "--steps", "1", "--rows", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("one warm 64² image, 1 euler step, --precision full:") and len(lines) == 2 + 3
+    assert lines[0].startswith("one warm 64² image, 1 euler step, --precision full:")
+    assert [line.split(":")[0] for line in lines[1:4]] == ["  text", "  unet", "  decode"] and len(lines) == 4 + 1 + 3
     assert bench_main(["--profile-ops"]) == 2
     assert capsys.readouterr().err.strip() == "error: --profile-ops needs --ckpt CKPT"
     assert bench_main(["--profile-ops", "--ckpt", str(ROOT / "missing.ckpt")]) == 2
     assert capsys.readouterr().err.strip().startswith("error: checkpoint not found")
+
+
+def test_openvino_profile_skipped_with_one_line_where_it_is_not_installed(capsys, tmp_path):
+    assert bench_main(["--profile-ops", "--vs-openvino", "--openvino-python", str(tmp_path / "no-python"),
+                       "--ckpt", str(ROOT / DEMO_CKPT), "--config", str(ROOT / DEMO_CONFIG), "--precision", "full",
+                       "--sizes", "64", "--steps", "1", "--rows", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert [line for line in err.splitlines() if "OpenVINO" in line] == [
+        f"OpenVINO: skipped, no Python at {tmp_path / 'no-python'} (python -m venv /tmp/ov-venv && "
+        "/tmp/ov-venv/bin/pip install 'optimum-intel[openvino]' diffusers; it brings its own torch)"]
+    assert "OpenVINO" not in out and len(out.splitlines()) == 4 + 1 + 2

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from ..model.config import SDConfig
 from ..model.fragments import TEXT_ENCODER, UNET_IN
@@ -195,6 +196,7 @@ class Pipeline:
             out.append(c)
         return torch.stack(out)
 
+    @record_function("optimizedSD::text")  # a phase of its own in bench.py --profile-ops
     def _encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token rows (R, 77) -> fp32 hidden states (R, 77, hidden) at `clip_skip`; the layers it does not
         run stay on the host."""
@@ -227,6 +229,7 @@ class Pipeline:
             self.redone_in_upcast += 1
         return eps
 
+    @record_function("optimizedSD::unet")  # a phase of its own in bench.py --profile-ops
     def _unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, upcast: bool) -> torch.Tensor:
         """The UNet on a batch (N, C, h, w), cut in chunks of `unet_bs` rows, block-major: each block
         runs on every chunk before the next block, so a streamed block is on the device once per
@@ -328,7 +331,7 @@ class Pipeline:
         # tiled (the low-memory VAE): the decoder's parts visit the device one at a time (`Offloader.use`)
         with self.engine.phase("decode", leave=(VAE_DECODER,) if self.tile else ()), \
                 self.engine.use(VAE_DECODER, parts=self.tile) as vae, \
-                self._compute(self.upcast):
+                self._compute(self.upcast), record_function("optimizedSD::decode"):
             for z in latents.split(1):
                 z = self._layout((z / self.cfg.scale_factor).to(self.device))
                 if self.device.type == "meta":  # planning: no values to check for overflow

@@ -159,6 +159,17 @@ OVStableDiffusionPipeline.from_pretrained(sys.argv[1], export=True, compile=Fals
 """
 
 
+def openvino_ir(ckpt: str, work: Path, openvino_python: str, log=print) -> Path:
+    """OpenVINO IR of `ckpt` in `work` (not timed): diffusers' folder of it, exported by optimum-intel."""
+    from .bench_vs_diffusers import _child
+
+    folder, ov_folder = work / "diffusers", work / "openvino"
+    log("converting the checkpoint into a diffusers folder and OpenVINO IR (not timed) ...")
+    run_child(_child(f"write_diffusers_folder({ckpt!r}, None, {str(folder)!r})"), work / "convert.log")
+    run_child([openvino_python, "-c", OPENVINO_EXPORT, str(folder), str(ov_folder)], work / "export.log")
+    return ov_folder
+
+
 def _python(call: str) -> list[str]:
     return [sys.executable, "-c", f"from optimizedSD.tools.bench_peers import *; {call}"]
 
@@ -171,7 +182,7 @@ def _ours_one(ckpt: str, precision: str, size: int, steps: int, outdir: str, con
             "--outdir", outdir, *(["--fp8"] if fp8 else []), *(["--config", config] if config else [])]
 
 
-def _last_json(log: Path) -> dict:
+def last_json(log: Path) -> dict:
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("{")]
     if not lines:
         raise BenchError(f"no figures in {log}")
@@ -206,12 +217,7 @@ def compare(ckpt: str, tools: list[str], size: int = 512, steps: int = 4, images
         work = Path(work)
         ov_folder = None
         if "openvino" in runnable:
-            folder, ov_folder = work / "diffusers", work / "openvino"
-            log("converting the checkpoint into a diffusers folder and OpenVINO IR (not timed) ...")
-            from .bench_vs_diffusers import _child
-
-            run_child(_child(f"write_diffusers_folder({ckpt!r}, None, {str(folder)!r})"), work / "convert.log")
-            run_child([openvino_python, "-c", OPENVINO_EXPORT, str(folder), str(ov_folder)], work / "export.log")
+            ov_folder = openvino_ir(ckpt, work, openvino_python, log)
         for tool in runnable:
             for precision in PEERS[tool]:
                 if only and (tool, precision) not in only:
@@ -230,7 +236,7 @@ def compare(ckpt: str, tools: list[str], size: int = 512, steps: int = 4, images
                     warm = [openvino_python, "-c", OPENVINO_CHILD, *args, str(images), str(work / f"{tag}.png")]
                 single = run_child(one, work / f"{tag}-one.log")
                 run_child(warm, work / f"{tag}-warm.log")
-                seconds = _last_json(work / f"{tag}-warm.log")["image_seconds"]
+                seconds = last_json(work / f"{tag}-warm.log")["image_seconds"]
                 rows.append(dict(tool=tool, precision=precision, size=size, steps=steps, sampler="euler",
                                  one_image_wall_s=single["wall_s"], one_image_peak_rss_bytes=single["peak_rss_bytes"],
                                  warm_first_image_s=round(seconds[0], 2), warm_seconds_per_image=_warm(seconds)))
