@@ -24,6 +24,8 @@ def kernel(tmp_path_factory):
     mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))  # built from the source here
     try:
         yield cpu_attention.load_kernel()
+    except OSError as e:  # .ci/run installs a compiler; elsewhere say why
+        pytest.skip(f"the kernel cannot be built here: {e}")
     finally:
         mp.undo()
 
@@ -135,7 +137,7 @@ def test_fallback_says_why(monkeypatch, tmp_path, setting, why):
 
 
 @needs_bf16
-def test_build_is_cached_by_source(monkeypatch, tmp_path):
+def test_build_is_cached_by_source(kernel, monkeypatch, tmp_path):  # (kernel: skipped where none can be built)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     first = cpu_attention._build()
     assert first.parent == tmp_path / "optimizedSD" and first.is_file()
