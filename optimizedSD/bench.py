@@ -99,7 +99,7 @@ def main(argv=None) -> int:
                         "with --vs-openvino, OpenVINO's per-node profile of its UNet and VAE decoder too")
     p.add_argument("--attention", action="store_true",
                    help="instead: one image's worth of SD v1 attention calls (--sizes' first, --steps, default 4) "
-                        "timed in bf16 on torch's CPU kernel and on ours (model/cpu_attention.py)")
+                        "timed in bf16 and fp32 on torch's CPU kernel and on ours (model/cpu_attention.py)")
     args = p.parse_args(argv)
     if args.attention:
         from optimizedSD.tools import bench_attention

@@ -269,14 +269,18 @@ def test_fused_sdpa_on_cpu():
 
 def test_cpu_policy_runs_fused_sdpa_in_both_models(frags, restore_policy, monkeypatch):
     """Under the CPU's auto policy every attention of the UNet and the VAE (encoder and decoder) is
-    one fused SDPA call and none is chunked; outputs equal the chunked policy's."""
+    one fused call (torch's SDPA, or our CPU kernel where it takes it) and none is chunked; outputs
+    equal the chunked policy's."""
     set_policy(AttentionPolicy("chunked", chunk_size=7))
     chunked = _unet_and_vae(frags)
     blocks, sdpa = [], []
     real_block, real_sdpa = attention_module._block, attention_module.F.scaled_dot_product_attention
+    real_ours = attention_module.cpu_attention.attention
     monkeypatch.setattr(attention_module, "_block", lambda *a: blocks.append(1) or real_block(*a))
     monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention",
                         lambda q, k, v: sdpa.append((q.shape, k.shape)) or real_sdpa(q, k, v))
+    monkeypatch.setattr(attention_module.cpu_attention, "attention",
+                        lambda q, k, v: sdpa.append((q.shape, k.shape)) or real_ours(q, k, v))
     set_policy(auto_policy("cpu"))
     outputs = _unet_and_vae(frags)
     assert blocks == [] and len(sdpa) > 0

@@ -58,12 +58,14 @@ def test_table_and_json(capsys):
 
     assert bench.main(["--attention", "--sizes", "64", "--steps", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["size"] == 64 and result["per_image"]["torch_s"] > 0
+    assert result["size"] == 64 and set(result["per_image"]) == {"bf16", "fp32"}
     for row in result["rows"]:
-        assert row["torch_ms"] > 0
-        if "ours_ms" in row:  # where this CPU has AVX512-BF16: the two kernels agree within bf16 rounding
-            assert row["ours_ms"] > 0 and row["max_diff"] <= 0.05
+        for name, bound in (("bf16", 0.05), ("fp32", 1e-4)):
+            figures = row[name]
+            assert figures["torch_ms"] > 0
+            if "ours_ms" in figures:  # where this CPU has AVX512-BF16: the two kernels agree within rounding
+                assert figures["ours_ms"] > 0 and figures["max_diff"] <= bound
     assert bench.main(["--attention", "--sizes", "64", "--steps", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("SD v1 attention of one 64² image (1 step, bf16")
-    assert lines[-1].startswith("per image: torch ")
+    assert lines[0].startswith("SD v1 attention of one 64² image (1 step, ")
+    assert lines[-1].startswith("per image: bf16 torch ") and "; fp32 torch " in lines[-1]

@@ -43,7 +43,8 @@ def test_profile_counts_each_convolution_of_one_image(capsys):
     # the phases: one UNet evaluation a step (the guided pair in one batch), one decode, one text encoding
     phases = {p["phase"]: p for p in result["phases"]}
     assert [phases[k]["calls"] for k in ("text", "unet", "decode")] == [1, STEPS, 1]
-    assert 0 < sum(p["total_s"] for p in phases.values()) <= result["image_s"]
+    # inside the profiled render, which image_s times (to 0.01 s; the phases to 0.001 s)
+    assert 0 < sum(p["total_s"] for p in phases.values()) <= result["image_s"] * 1.05 + 0.01
 
 
 def test_profile_table_and_its_bad_input(capsys):

@@ -1,15 +1,17 @@
-"""The bf16 attention kernel for CPUs with AVX512-BF16 and no AMX (kernels/attention_bf16.c).
+"""Our CPU attention kernels (kernels/attention.c), bf16 and fp32, where they beat torch's.
 
-On such a CPU torch's flash kernel runs SD's attention at a quarter of the CPU's bf16 rate (its bf16
-products take the emulated path unless AMX is there); this kernel computes the same maths (fp32 scores
-and softmax, the probabilities rounded to bf16 for the product with v, fp32 sums) on the CPU's bf16
-dot-product instruction, 2-2.5x faster (docs/benchmarks.md). On AMX CPUs torch's own kernel (oneDNN's
-AMX products) is kept, and everything else (fp32, other devices) goes to torch's SDPA as before.
+- bf16, on CPUs with AVX512-BF16 and no AMX: torch's flash kernel runs SD's attention there at a quarter
+  of the CPU's bf16 rate (its bf16 products take the emulated path unless AMX is there). Ours computes the
+  same maths (fp32 scores and softmax, the probabilities rounded to bf16 for the product with v, fp32 sums)
+  on the CPU's bf16 dot-product instruction. On AMX CPUs torch's kernel (oneDNN's AMX products) is kept.
+- fp32, on CPUs with AVX512F: the same maths in fp32 on fp32 FMAs.
+Everything else (other devices and dtypes, masks, autograd) goes to torch's SDPA as before. Figures:
+docs/benchmarks.md, `bench.py --attention`.
 
 The C file is compiled once with the system C compiler (`cc`, or $CC) into the user cache
 ($XDG_CACHE_HOME or ~/.cache, `optimizedSD/`), named by a hash of the source and flags, and loaded with
 ctypes; it needs nothing but libc and pthreads. Without a compiler, or where the build fails, torch's
-SDPA is used and `status()` says why. OPTIMIZEDSD_CPU_ATTENTION=torch turns the kernel off.
+SDPA is used and `status()` says why. OPTIMIZEDSD_CPU_ATTENTION=torch turns the kernels off.
 """
 from __future__ import annotations
 
@@ -24,17 +26,22 @@ from pathlib import Path
 import torch
 from torch.profiler import record_function
 
-SOURCE = Path(__file__).with_name("kernels") / "attention_bf16.c"
+SOURCE = Path(__file__).with_name("kernels") / "attention.c"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fPIC", "-shared",
          "-pthread"]
-SWITCH = "OPTIMIZEDSD_CPU_ATTENTION"  # "torch": never use this kernel
+SWITCH = "OPTIMIZEDSD_CPU_ATTENTION"  # "torch": never use these kernels
+FUNCTIONS = {torch.bfloat16: "osd_attention_bf16", torch.float32: "osd_attention_f32"}
+NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
-_lib = None  # the loaded function, once built
-_why = None  # why it is not used, once known
+_kernels: dict = {}  # dtype -> the loaded function, once decided
+_why: dict = {}      # dtype -> why torch's kernel is used instead, once decided
 
 
-def _cpu_wants_it() -> str | None:
+def _cpu_wants(dtype: torch.dtype) -> str | None:
+    """None where this CPU should run our kernel for `dtype`, else why not."""
     cpu = torch.cpu
+    if dtype == torch.float32:
+        return None if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") else "this CPU has no AVX512"
     if not getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
         return "this CPU has no AVX512-BF16"
     if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
@@ -53,7 +60,7 @@ def _build() -> Path:
         raise OSError("no C compiler (cc) found")
     source = SOURCE.read_bytes()
     tag = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"attention_bf16-{tag}.so"
+    target = cache_dir() / f"attention-{tag}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -67,63 +74,69 @@ def _build() -> Path:
     return target
 
 
-def load_kernel():
-    """The kernel's C function (built first if it is not in the cache); OSError where it cannot be built."""
-    fn = ctypes.CDLL(str(_build())).osd_attention_bf16
+def load_kernel(dtype: torch.dtype = torch.bfloat16):
+    """The C function for `dtype` (the library built first if it is not in the cache); OSError where it
+    cannot be built."""
+    fn = getattr(ctypes.CDLL(str(_build())), FUNCTIONS[dtype])
     i64p = ctypes.POINTER(ctypes.c_int64)
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [i64p] * 4 + [ctypes.c_float, ctypes.c_int]
     fn.restype = ctypes.c_int
     return fn
 
 
-def _load():
-    """The kernel where this process uses it, else None (and `_why` says why); decided once."""
-    global _lib, _why
-    if _lib is not None or _why is not None:
-        return _lib
-    _why = "turned off by OPTIMIZEDSD_CPU_ATTENTION=torch" if os.environ.get(SWITCH) == "torch" else _cpu_wants_it()
-    if _why is None:
+def _load(dtype: torch.dtype):
+    """The kernel this process uses for `dtype`, else None (and `_why[dtype]` says why); decided once."""
+    if dtype in _kernels or dtype in _why:
+        return _kernels.get(dtype)
+    why = "turned off by OPTIMIZEDSD_CPU_ATTENTION=torch" if os.environ.get(SWITCH) == "torch" else _cpu_wants(dtype)
+    if why is None:
         try:
-            _lib = load_kernel()
+            _kernels[dtype] = load_kernel(dtype)
+            return _kernels[dtype]
         except OSError as e:
-            _why = f"the kernel could not be built: {e}"
-    return _lib
+            why = f"the kernel could not be built: {e}"
+    _why[dtype] = why
+    return None
 
 
 def status() -> str:
-    """One line: which kernel bf16 attention on this CPU uses, and why."""
-    if _load() is not None:
-        return "bf16 attention: optimizedSD's AVX512-BF16 kernel"
-    return f"bf16 attention: torch's kernel ({_why})"
+    """One line: which kernel bf16 and fp32 attention on this CPU use, and why."""
+    parts = []
+    for dtype, name in NAMES.items():
+        parts.append(f"{name} attention: optimizedSD's kernel" if _load(dtype) is not None
+                     else f"{name} attention: torch's kernel ({_why[dtype]})")
+    return "; ".join(parts)
 
 
 def handles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `attention` below takes these inputs: bf16 on the CPU, (B, h, N, d) with an even d equal
-    for q and k, each last dim contiguous, no autograd, on a CPU the kernel is for."""
-    if not (q.device.type == k.device.type == v.device.type == "cpu"
-            and q.dtype == k.dtype == v.dtype == torch.bfloat16):
+    """Whether `attention` below takes these inputs: bf16 (with an even head dim) or fp32 on the CPU,
+    (B, h, N, d) with d equal for q and k, each last dim contiguous, no autograd, on a CPU the kernel is for."""
+    if not (q.device.type == k.device.type == v.device.type == "cpu" and q.dtype == k.dtype == v.dtype
+            and q.dtype in FUNCTIONS):
         return False
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[-1] % 2 or q.shape[-1] != k.shape[-1]:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[-1] != k.shape[-1]:
+        return False
+    if q.dtype == torch.bfloat16 and q.shape[-1] % 2:
         return False
     if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or min(q.shape[2], k.shape[2], v.shape[-1]) < 1:
         return False
     if any(t.stride(-1) != 1 for t in (q, k, v)) or (torch.is_grad_enabled() and
                                                       any(t.requires_grad for t in (q, k, v))):
         return False
-    return _load() is not None
+    return _load(q.dtype) is not None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel=None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for inputs `handles` takes: (B, h, N, dv), a view of a (B, N, h, dv)
     tensor (so the caller's transpose back to tokens is free). `kernel`: the C function (`load_kernel`),
-    by default the one this process uses."""
+    by default the one this process uses for q's dtype."""
     b, h, n, d = q.shape
     m, dv = k.shape[2], v.shape[-1]
     out = torch.empty(b, n, h, dv, dtype=q.dtype).permute(0, 2, 1, 3)
     strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v, out)]
-    with record_function("optimizedSD::attention_bf16"):  # a row of its own in --profile-ops
-        failed = (kernel or _lib)(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, n, m, d, dv,
-                                  *strides, d ** -0.5, torch.get_num_threads())
+    with record_function(f"optimizedSD::attention_{NAMES[q.dtype]}"):  # a row of its own in --profile-ops
+        failed = (kernel or _kernels[q.dtype])(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, n, m,
+                                               d, dv, *strides, d ** -0.5, torch.get_num_threads())
     if failed:
         raise MemoryError("out of memory in the CPU attention kernel")
     return out

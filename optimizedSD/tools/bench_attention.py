@@ -4,10 +4,10 @@
 The shapes are those of an SD v1 image of `--sizes`' first size on the CPU (`attention_calls`): the
 UNet's self- and cross-attention at each level (the guided pair in one batch of 2, 8 heads, a 77-token
 prompt) `steps` times, and the VAE decoder's single-head attention once. Each shape is timed, median of
-`REPEATS` calls after one, on bf16 inputs: torch's `scaled_dot_product_attention` and the bf16 kernel of
-model/cpu_attention.py, built here if this CPU has AVX512-BF16 (on AMX CPUs the engine keeps torch's
-kernel; the figure is printed all the same). `max_diff`: the largest difference between the two
-outputs. The per-image totals are each shape's milliseconds times its calls.
+`REPEATS` calls after one, in bf16 and in fp32: torch's `scaled_dot_product_attention` and our kernels
+(model/cpu_attention.py), built here if this CPU has AVX512-BF16 (where the engine keeps torch's
+kernel, e.g. bf16 on AMX CPUs, the figure is printed all the same). `max_diff`: the largest difference
+between the two outputs. The per-image totals are each shape's milliseconds times its calls.
 """
 from __future__ import annotations
 
@@ -17,6 +17,12 @@ import time
 
 REPEATS = 5
 PROMPT_TOKENS = 77
+
+
+def _dtypes():
+    import torch
+
+    return {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def attention_calls(cfg, size: int, steps: int) -> list[dict]:
@@ -64,44 +70,60 @@ def measure(size: int, steps: int) -> dict:
     from ..model import cpu_attention
     from ..model.config import SDConfig
 
-    kernel, why = None, None
+    DTYPES = _dtypes()
+    kernels, why = {}, None
     if not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
         why = "this CPU has no AVX512-BF16"
     else:
         try:
-            kernel = cpu_attention.load_kernel()
+            kernels = {name: cpu_attention.load_kernel(dtype) for dtype, name in DTYPES.items()}
         except OSError as e:
             why = f"the kernel could not be built: {e}"
     g = torch.Generator().manual_seed(0)
     rows = attention_calls(SDConfig(), size, steps)
     for row in rows:
         b, h, n, m, d = (row[k] for k in ("b", "heads", "n", "m", "d"))
-        q, k, v = (torch.randn(b, tokens, h, d, generator=g).bfloat16().transpose(1, 2) for tokens in (n, m, m))
-        with torch.no_grad():
-            row["torch_ms"] = round(_median_ms(lambda: F.scaled_dot_product_attention(q, k, v)), 2)
-            if kernel is not None:
-                row["ours_ms"] = round(_median_ms(lambda: cpu_attention.attention(q, k, v, kernel=kernel)), 2)
-                diff = cpu_attention.attention(q, k, v, kernel=kernel).float() - F.scaled_dot_product_attention(q, k, v).float()
-                row["max_diff"] = round(diff.abs().max().item(), 4)
-    total = {"torch_s": round(sum(r["torch_ms"] * r["calls"] for r in rows) / 1000, 3)}
-    if kernel is not None:
-        total["ours_s"] = round(sum(r["ours_ms"] * r["calls"] for r in rows) / 1000, 3)
+        base = [torch.randn(b, tokens, h, d, generator=g) for tokens in (n, m, m)]
+        for dtype, name in DTYPES.items():
+            q, k, v = (t.to(dtype).transpose(1, 2) for t in base)
+            figures = row[name] = {}
+            with torch.no_grad():
+                figures["torch_ms"] = round(_median_ms(lambda: F.scaled_dot_product_attention(q, k, v)), 2)
+                if name in kernels:
+                    fn = kernels[name]
+                    figures["ours_ms"] = round(_median_ms(lambda: cpu_attention.attention(q, k, v, kernel=fn)), 2)
+                    diff = cpu_attention.attention(q, k, v, kernel=fn).float() - F.scaled_dot_product_attention(q, k, v).float()
+                    figures["max_diff"] = float(f"{diff.abs().max().item():.2e}")
+    per_image = {}
+    for name in DTYPES.values():
+        per_image[name] = {"torch_s": round(sum(r[name]["torch_ms"] * r["calls"] for r in rows) / 1000, 3)}
+        if name in kernels:
+            per_image[name]["ours_s"] = round(sum(r[name]["ours_ms"] * r["calls"] for r in rows) / 1000, 3)
     return dict(size=size, steps=steps, threads=torch.get_num_threads(), engine_uses=cpu_attention.status(),
-                kernel_unavailable=why, rows=rows, per_image=total)
+                kernel_unavailable=why, rows=rows, per_image=per_image)
 
 
 def format_table(result: dict) -> str:
-    lines = [f"SD v1 attention of one {result['size']}² image ({result['steps']} step{'s' * (result['steps'] != 1)}, bf16, "
+    names = list(result["per_image"])
+    steps = result["steps"]
+    lines = [f"SD v1 attention of one {result['size']}² image ({steps} step{'s' * (steps != 1)}, "
              f"{result['threads']} threads); the engine here: {result['engine_uses']}"]
     if result["kernel_unavailable"]:
-        lines.append(f"our kernel: not measured ({result['kernel_unavailable']})")
-    lines.append(f"{'call':28s} {'(b, heads, n, m, d)':24s} {'calls':>5s} {'torch ms':>9s} {'ours ms':>8s} {'max diff':>8s}")
+        lines.append(f"our kernels: not measured ({result['kernel_unavailable']})")
+    head = "".join(f" {name + ' torch':>11s} {name + ' ours':>10s} {'diff':>8s}" for name in names)
+    lines.append(f"{'call':26s} {'(b, heads, n, m, d)':24s} {'calls':>5s}{head}")
     for r in result["rows"]:
         shape = f"({r['b']}, {r['heads']}, {r['n']}, {r['m']}, {r['d']})"
-        ours = f"{r['ours_ms']:8.2f} {r['max_diff']:8.4f}" if "ours_ms" in r else f"{'-':>8s} {'-':>8s}"
-        lines.append(f"{r['where']:28s} {shape:24s} {r['calls']:5d} {r['torch_ms']:9.2f} {ours}")
-    t = result["per_image"]
-    lines.append(f"per image: torch {t['torch_s']:.2f} s" + (f", ours {t['ours_s']:.2f} s" if "ours_s" in t else ""))
+        cells = ""
+        for name in names:
+            f = r[name]
+            ours = f"{f['ours_ms']:10.2f} {f['max_diff']:8.1e}" if "ours_ms" in f else f"{'-':>10s} {'-':>8s}"
+            cells += f" {f['torch_ms']:11.2f} {ours}"
+        lines.append(f"{r['where']:26s} {shape:24s} {r['calls']:5d}{cells}")
+    totals = []
+    for name, t in result["per_image"].items():
+        totals.append(f"{name} torch {t['torch_s']:.2f} s" + (f", ours {t['ours_s']:.2f} s" if "ours_s" in t else ""))
+    lines.append("per image: " + "; ".join(totals))
     return "\n".join(lines)
 
 
