@@ -110,6 +110,10 @@ def test_handles_only_what_the_kernel_computes(monkeypatch):
     assert not cpu_attention.handles(q, k.float(), v)                         # mixed dtypes
     assert not cpu_attention.handles(q[..., :39], k[..., :39], v)             # bf16, odd head dim
     assert cpu_attention.handles(q[..., :39].float(), k[..., :39].float(), v.float())  # fp32 takes it
+    wide = _inputs(1, 2, 8, 8, 160, 160, seed=0, dtype=torch.float32)
+    assert cpu_attention.handles(*_inputs(1, 2, 8, 8, 80, 80, seed=0, dtype=torch.float32))
+    assert not cpu_attention.handles(*wide)                                   # fp32 past d 80: torch's is faster
+    assert cpu_attention.handles(*(t.bfloat16() for t in wide))
     assert not cpu_attention.handles(q, k[..., :32], v)                       # q and k dims differ
     assert not cpu_attention.handles(q.transpose(-1, -2), k, v)               # last dim not contiguous
     assert not cpu_attention.handles(q.to("meta"), k.to("meta"), v.to("meta"))

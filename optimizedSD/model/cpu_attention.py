@@ -4,7 +4,8 @@
   of the CPU's bf16 rate (its bf16 products take the emulated path unless AMX is there). Ours computes the
   same maths (fp32 scores and softmax, the probabilities rounded to bf16 for the product with v, fp32 sums)
   on the CPU's bf16 dot-product instruction. On AMX CPUs torch's kernel (oneDNN's AMX products) is kept.
-- fp32, on CPUs with AVX512F: the same maths in fp32 on fp32 FMAs.
+- fp32, on CPUs with AVX512F, for head dims up to FP32_MAX_HEAD_DIM (SD's UNet at 64² and 32²): the same
+  maths in fp32 on fp32 FMAs. At larger head dims (160, the VAE's 512) torch's kernel is faster.
 Everything else (other devices and dtypes, masks, autograd) goes to torch's SDPA as before. Figures:
 docs/benchmarks.md, `bench.py --attention`.
 
@@ -32,6 +33,7 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512
 SWITCH = "OPTIMIZEDSD_CPU_ATTENTION"  # "torch": never use these kernels
 FUNCTIONS = {torch.bfloat16: "osd_attention_bf16", torch.float32: "osd_attention_f32"}
 NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+FP32_MAX_HEAD_DIM = 80  # measured (bench.py --attention): ours 0.73x torch's time at d 40, 0.88x at 80, 1.2x at 160
 
 _kernels: dict = {}  # dtype -> the loaded function, once decided
 _why: dict = {}      # dtype -> why torch's kernel is used instead, once decided
@@ -109,14 +111,15 @@ def status() -> str:
 
 
 def handles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `attention` below takes these inputs: bf16 (with an even head dim) or fp32 on the CPU,
+    """Whether `attention` below takes these inputs: bf16 (an even head dim) or fp32 (head dims up to
+    FP32_MAX_HEAD_DIM) on the CPU,
     (B, h, N, d) with d equal for q and k, each last dim contiguous, no autograd, on a CPU the kernel is for."""
     if not (q.device.type == k.device.type == v.device.type == "cpu" and q.dtype == k.dtype == v.dtype
             and q.dtype in FUNCTIONS):
         return False
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[-1] != k.shape[-1]:
         return False
-    if q.dtype == torch.bfloat16 and q.shape[-1] % 2:
+    if q.shape[-1] % 2 if q.dtype == torch.bfloat16 else max(q.shape[-1], v.shape[-1]) > FP32_MAX_HEAD_DIM:
         return False
     if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or min(q.shape[2], k.shape[2], v.shape[-1]) < 1:
         return False

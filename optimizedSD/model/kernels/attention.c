@@ -25,6 +25,7 @@
 #define ROWS 24 /* queries per task: a multiple of every row group below (4, 6, 8) */
 #define KEY_BLOCK 256 /* keys per partial sum of the product with v (a multiple of 16) */
 #define DIM_BLOCK 128 /* head dims per partial sum of the scores (even) */
+#define SMALL_WORK (1 << 23) /* multiply-adds below which one thread does it all */
 #define QR 4    /* query rows per score tile (with 4 key tiles: 16 accumulators; 6 is no faster) */
 #define INLINE static inline __attribute__((always_inline))
 
@@ -346,6 +347,7 @@ static int attention(int f32, const void *q, const void *k, const void *v, void 
     }
     j.kp = (char *)kp;
     j.vp = (char *)vp;
+    if (B * H * N * j.Mp * (D + DV) < SMALL_WORK) threads = 1; /* starting threads would cost more than they save */
     run_threads(&j, worker_pack, threads);
     run_threads(&j, worker, threads);
     free(j.kp);
