@@ -3,8 +3,8 @@
 Every strategy computes softmax(q k^T / sqrt(d)) v for q (B, heads, Nq, d), k (B, heads, Nk, d) and
 v (B, heads, Nk, dv), and returns (B, heads, Nq, dv):
 - "sdpa":    torch's scaled_dot_product_attention in one call (flash / memory-efficient kernels on
-             CUDA never materialise the (Nq, Nk) matrix); bf16 on a CPU with AVX512-BF16 and no AMX
-             goes to our own kernel instead (cpu_attention.py: the same maths, 2-2.5x faster there).
+             CUDA never materialise the (Nq, Nk) matrix); on the CPU, the calls our own kernels take
+             (cpu_attention.handles: bf16 without AMX, fp32 up to head dim 80) go to them instead.
 - "sliced":  loops over the flattened B*heads dimension, `slice_size` rows at a time; each slice
              is plain math on a (slice, Nq, Nk) score block.
 - "chunked": loops over query tokens, `chunk_size` at a time, so the largest temporary is the
@@ -185,7 +185,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if policy.strategy == "sdpa" or (policy.sdpa_if_fused and fused_sdpa(q, k, v)):
         if q.is_meta:
             return _meta_sdpa(q, k, v)
-        if cpu_attention.handles(q, k, v):  # bf16 on an AVX512-BF16 CPU without AMX
+        if cpu_attention.handles(q, k, v):  # where our CPU kernels beat torch's
             return cpu_attention.attention(q, k, v)
         return F.scaled_dot_product_attention(q, k, v)
     b, h, nq, d = q.shape

@@ -43,7 +43,7 @@ def _cpu_wants(dtype: torch.dtype) -> str | None:
     """None where this CPU should run our kernel for `dtype`, else why not."""
     cpu = torch.cpu
     if dtype == torch.float32:
-        return None if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") else "this CPU has no AVX512"
+        return None if torch.backends.cpu.get_cpu_capability() == "AVX512" else "this CPU has no AVX512"
     if not getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
         return "this CPU has no AVX512-BF16"
     if getattr(cpu, "_is_amx_tile_supported", lambda: False)():

@@ -19,12 +19,6 @@ REPEATS = 5
 PROMPT_TOKENS = 77
 
 
-def _dtypes():
-    import torch
-
-    return {torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
 def attention_calls(cfg, size: int, steps: int) -> list[dict]:
     """[{"where", "b", "heads", "n", "m", "d", "calls"}]: every attention of one txt2img image, by shape."""
     unet, latent = cfg.unet, size // 8
@@ -70,13 +64,13 @@ def measure(size: int, steps: int) -> dict:
     from ..model import cpu_attention
     from ..model.config import SDConfig
 
-    DTYPES = _dtypes()
+    names = cpu_attention.NAMES  # dtype -> "bf16" | "fp32"
     kernels, why = {}, None
     if not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
         why = "this CPU has no AVX512-BF16"
     else:
         try:
-            kernels = {name: cpu_attention.load_kernel(dtype) for dtype, name in DTYPES.items()}
+            kernels = {name: cpu_attention.load_kernel(dtype) for dtype, name in names.items()}
         except OSError as e:
             why = f"the kernel could not be built: {e}"
     g = torch.Generator().manual_seed(0)
@@ -84,7 +78,7 @@ def measure(size: int, steps: int) -> dict:
     for row in rows:
         b, h, n, m, d = (row[k] for k in ("b", "heads", "n", "m", "d"))
         base = [torch.randn(b, tokens, h, d, generator=g) for tokens in (n, m, m)]
-        for dtype, name in DTYPES.items():
+        for dtype, name in names.items():
             q, k, v = (t.to(dtype).transpose(1, 2) for t in base)
             figures = row[name] = {}
             with torch.no_grad():
@@ -95,7 +89,7 @@ def measure(size: int, steps: int) -> dict:
                     diff = cpu_attention.attention(q, k, v, kernel=fn).float() - F.scaled_dot_product_attention(q, k, v).float()
                     figures["max_diff"] = float(f"{diff.abs().max().item():.2e}")
     per_image = {}
-    for name in DTYPES.values():
+    for name in names.values():
         per_image[name] = {"torch_s": round(sum(r[name]["torch_ms"] * r["calls"] for r in rows) / 1000, 3)}
         if name in kernels:
             per_image[name]["ours_s"] = round(sum(r[name]["ours_ms"] * r["calls"] for r in rows) / 1000, 3)

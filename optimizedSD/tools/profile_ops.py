@@ -66,8 +66,9 @@ for name in ("unet", "vae_decoder"):
         seconds.append(round(time.perf_counter() - start, 3))
     ops = collections.defaultdict(lambda: [0, 0.0])
     for info in request.profiling_info:
-        ops[f"{info.node_type} ({info.exec_type})"][0] += 1
-        ops[f"{info.node_type} ({info.exec_type})"][1] += info.real_time.total_seconds()
+        row = ops[f"{info.node_type} ({info.exec_type})"]
+        row[0] += 1
+        row[1] += info.real_time.total_seconds()
     hint = compiled.get_property("INFERENCE_PRECISION_HINT")
     result[name] = {"precision": getattr(hint, "get_type_name", lambda: str(hint))(), "seconds": seconds,
                     "ops": sorted(({"op": k, "calls": v[0], "self_s": round(v[1], 4)} for k, v in ops.items()),
